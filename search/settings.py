@@ -1,0 +1,122 @@
+"""One typed settings object shared by the CLI, the indexer and the web UI.
+
+Values come from, highest first: explicit keyword arguments (CLI options), ``HISTOSEARCH_*``
+environment variables, a TOML file named by ``HISTOSEARCH_CONFIG_FILE``, then the defaults.
+Bad values fail when the object is built, i.e. at start.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from .errors import ConfigError
+
+DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "histosearch"
+DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "histosearch"
+
+# The CONCH tokenizer is CC-BY-NC-ND material of its authors: it is fetched, never shipped.
+CONCH_TOKENIZER_URL = (
+    "https://raw.githubusercontent.com/mahmoodlab/CONCH/"
+    "e9c9e5b7910d88adf14db77a2108286b7eacc652/"
+    "conch/open_clip_custom/tokenizers/conch_byte_level_bpe_uncased.json"
+)
+CONCH_TOKENIZER_SHA256 = "a3861e67c64d32670eb6725a8e52d7dbdd2a06646a4a3c7463052ae7110760fb"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HISTOSEARCH_", extra="forbid", validate_default=True)
+
+    # Where the index lives: SQLite database, embeddings, FAISS indexes (docs/index-format.md).
+    data_dir: Path = DEFAULT_DATA_DIR
+    # Downloaded weights and tokenizer.
+    cache_dir: Path = DEFAULT_CACHE_DIR
+
+    # Model: a config name (search/model_configs) or a JSON file.
+    model: str = "conch_ViT-B-16"
+    checkpoint: Path | None = None
+    tokenizer: Path | None = None
+    device: str = "auto"
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    batch_size: int = Field(32, ge=1, le=4096)
+
+    # Where weights come from.
+    hf_repo: str = "MahmoodLab/CONCH"
+    hf_endpoint: str = "https://huggingface.co"
+    hf_token: str | None = Field(
+        None, validation_alias=AliasChoices("hf_token", "HISTOSEARCH_HF_TOKEN", "HF_TOKEN")
+    )
+    tokenizer_url: str = CONCH_TOKENIZER_URL
+    tokenizer_sha256: str = CONCH_TOKENIZER_SHA256
+
+    # Indexing.
+    workers: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2)), ge=0, le=256)
+    index_type: Literal["auto", "flat", "ivf", "ivfpq", "hnsw"] = "auto"
+    exact_max: int = Field(200_000, ge=1)
+    max_image_pixels: int = Field(100_000_000, ge=1)
+    tile_size: int = Field(448, ge=16)
+    target_mpp: float = Field(0.5, gt=0)
+    tissue_min_fraction: float = Field(0.25, ge=0, le=1)
+    path_pattern: str = r"(?:(?P<case_id>[^/]+)/)?(?P<slide_id>[^/]+)/[^/]+$"
+
+    # Web UI.
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    auth_token: str | None = None
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_query_chars: int = Field(500, ge=1)
+    max_k: int = Field(500, ge=1)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v != "auto" and not (v == "cpu" or v == "cuda" or v.startswith("cuda:")):
+            raise ValueError("device must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("HISTOSEARCH_CONFIG_FILE")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "histosearch.db"
+
+    @property
+    def db_url(self) -> str:
+        return f"sqlite:///{self.db_path}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings, turning validation errors into one ConfigError that names each field."""
+    config_file = os.environ.get("HISTOSEARCH_CONFIG_FILE")
+    if config_file and not Path(config_file).is_file():
+        raise ConfigError(f"HISTOSEARCH_CONFIG_FILE={config_file}: no such file")
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**clean)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"bad settings: {problems}") from None
