@@ -112,8 +112,6 @@ def get_model_cfg(name_or_path: str | Path) -> ModelCfg:
         return parse_model_cfg(data, path.stem)
     name = str(name_or_path)
     if name not in list_models():
-        raise ConfigError(
-            f"unknown model config {name!r}: use one of {list_models()} or a path to a JSON file"
-        )
+        raise ConfigError(f"unknown model config {name!r}: use one of {list_models()} or a path to a JSON file")
     text = (resources.files(__package__) / "model_configs" / f"{name}.json").read_text()
     return parse_model_cfg(json.loads(text), name)

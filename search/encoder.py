@@ -1,0 +1,153 @@
+"""The CONCH encoder: images and texts in, L2-normalised float32 embeddings out."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .config import ModelCfg, get_model_cfg
+from .errors import ConfigError
+from .model import Conch, create_model
+from .preprocess import ImageInput, Preprocess
+from .settings import Settings
+from .tokenizer import ConchTokenizer
+
+# Prompt ensembling for text queries, as CONCH's zero-shot evaluation does: several phrasings of the
+# same description, embeddings averaged and renormalised.
+DEFAULT_TEMPLATES = (
+    "{}.",
+    "an H&E image of {}.",
+    "a histopathology image showing {}.",
+    "a photomicrograph of {}.",
+    "an H&E stained tissue section with {}.",
+)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU: use --device cpu")
+    return resolved
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def model_fingerprint(cfg: ModelCfg, checkpoint_digest: str) -> str:
+    """Identifies the embedding space: same config and weights give the same vectors."""
+    payload = json.dumps(cfg.to_dict(), sort_keys=True) + checkpoint_digest
+    return f"{cfg.name}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
+
+
+class Encoder:
+    def __init__(
+        self,
+        model: Conch,
+        tokenizer: ConchTokenizer,
+        *,
+        fingerprint: str,
+        device: str = "auto",
+        dtype: str = "fp32",
+        batch_size: int = 32,
+    ) -> None:
+        self.device = resolve_device(device)
+        if dtype not in _DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if dtype != "fp32" and self.device.type != "cuda":
+            raise ConfigError(f"dtype {dtype} needs a CUDA device (this one is {self.device}): use --dtype fp32")
+        self.dtype = dtype
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.fingerprint = fingerprint
+        self.batch_size = batch_size
+        cfg = model.cfg
+        self.preprocess = Preprocess(cfg.vision_cfg.image_size, cfg.pretrained_cfg)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Encoder:
+        """Build from settings: config, checkpoint and tokenizer resolved as the docs describe."""
+        from .checkpoint import checkpoint_digest
+        from .hub import resolve_checkpoint, resolve_tokenizer
+
+        cfg = get_model_cfg(settings.model)
+        checkpoint = resolve_checkpoint(settings)
+        tokenizer_path = resolve_tokenizer(settings, checkpoint)
+        model = create_model(cfg, checkpoint=checkpoint)
+        tokenizer = ConchTokenizer(tokenizer_path, cfg.text_cfg.context_length, cfg.text_cfg.pad_id)
+        return cls(
+            model,
+            tokenizer,
+            fingerprint=model_fingerprint(cfg, checkpoint_digest(checkpoint, settings.cache_dir)),
+            device=settings.device,
+            dtype=settings.dtype,
+            batch_size=settings.batch_size,
+        )
+
+    @property
+    def dim(self) -> int:
+        return self.model.cfg.embed_dim
+
+    @property
+    def image_size(self) -> int:
+        return self.model.cfg.vision_cfg.image_size
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.dtype])
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor, *, normalize: bool = True, project: bool = True) -> np.ndarray:
+        """Embeddings of already preprocessed ``[n, 3, S, S]`` pixels, in one forward pass."""
+        if self.device.type == "cuda" and not pixels.is_cuda:
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        with self._autocast():
+            out = self.model.encode_image(pixels, normalize=normalize, project=project)
+        return out.float().cpu().numpy()
+
+    def encode_images(
+        self, images: Sequence[ImageInput], *, normalize: bool = True, project: bool = True
+    ) -> np.ndarray:
+        """PIL images, uint8 arrays or paths -> ``[n, 512]`` float32 (``project=False``: the pooled feature)."""
+        chunks = [
+            self.encode_pixels(torch.stack([self.preprocess(im) for im in batch]), normalize=normalize, project=project)
+            for batch in _batches(images, self.batch_size)
+        ]
+        width = self.dim if project else self.model.cfg.embed_dim
+        return np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
+
+    @torch.inference_mode()
+    def encode_texts(
+        self, texts: Sequence[str], *, normalize: bool = True, templates: Sequence[str] | None = None
+    ) -> np.ndarray:
+        """Texts -> ``[n, 512]`` float32. With ``templates``, each text is embedded in every template and
+        the normalised embeddings are averaged and renormalised (prompt ensembling)."""
+        if templates:
+            expanded = [t.format(text) for text in texts for t in templates]
+            each = self.encode_texts(expanded, normalize=True).reshape(len(texts), len(templates), -1)
+            mean = each.mean(axis=1)
+            return mean / np.linalg.norm(mean, axis=1, keepdims=True) if normalize else mean
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        tokens = self.tokenizer(list(texts))
+        # Batches of similar length waste least work: the text tower computes only up to the longest text.
+        order = np.argsort(-(tokens != self.tokenizer.pad_id).sum(1).numpy(), kind="stable")
+        out = np.empty((len(texts), self.dim), np.float32)
+        for batch in _batches(order, max(self.batch_size, 64)):
+            idx = np.asarray(batch)
+            with self._autocast():
+                emb = self.model.encode_text(tokens[idx].to(self.device), normalize=normalize)
+            out[idx] = emb.float().cpu().numpy()
+        return out
+
+
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

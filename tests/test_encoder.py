@@ -1,0 +1,82 @@
+"""The encoder's public behaviour: batching, inputs, normalisation, ensembling, devices."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from search.encoder import DEFAULT_TEMPLATES, Encoder
+from search.errors import ConfigError, ModelUnavailable
+from search.settings import load_settings
+from tests.test_model import assert_embeddings_match
+
+
+def test_images_from_paths_pil_and_arrays_match_reference(tiny_encoder, conch_reference):
+    names = json.loads((conch_reference / "images.json").read_text())
+    paths = [conch_reference / "images" / n for n in names]
+    expected = np.load(conch_reference / "expected" / "tiny.npz")
+    tiny_encoder.batch_size = 2  # several batches, one ragged
+    from_paths = tiny_encoder.encode_images(paths)
+    pil = [Image.open(p) for p in paths]
+    from_pil = tiny_encoder.encode_images(pil)
+    from_arrays = tiny_encoder.encode_images([np.asarray(Image.open(paths[0]))])
+    assert from_paths.dtype == np.float32 and from_paths.shape == (5, 32)
+    assert_embeddings_match(from_paths, expected["image_embedding"])
+    np.testing.assert_allclose(from_pil, from_paths, atol=1e-6)
+    np.testing.assert_allclose(from_arrays[0], from_paths[0], atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(from_paths, axis=1), 1, atol=1e-6)
+    unprojected = tiny_encoder.encode_images(paths, project=False, normalize=False)
+    assert_embeddings_match(unprojected, expected["image_embedding_unprojected"])
+
+
+def test_texts_in_any_order_and_batch_match_reference(tiny_encoder, conch_reference):
+    texts = json.loads((conch_reference / "texts.json").read_text())
+    expected = np.load(conch_reference / "expected" / "tiny.npz")["text_embedding"]
+    assert_embeddings_match(tiny_encoder.encode_texts(texts), expected)
+    order = [5, 0, 7, 2]
+    assert_embeddings_match(tiny_encoder.encode_texts([texts[i] for i in order]), expected[order])
+    assert tiny_encoder.encode_texts([]).shape == (0, 32)
+
+
+def test_prompt_ensemble_is_the_renormalised_mean(tiny_encoder):
+    got = tiny_encoder.encode_texts(["necrosis", "mitotic figures"], templates=DEFAULT_TEMPLATES)
+    each = tiny_encoder.encode_texts([t.format("necrosis") for t in DEFAULT_TEMPLATES])
+    mean = each.mean(0)
+    np.testing.assert_allclose(got[0], mean / np.linalg.norm(mean), atol=1e-6)
+    assert not np.allclose(got[0], tiny_encoder.encode_texts(["necrosis"])[0], atol=1e-3)
+
+
+def test_half_precision_needs_a_gpu(tiny_encoder):
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        Encoder(tiny_encoder.model, tiny_encoder.tokenizer, fingerprint="x", device="cpu", dtype="bf16")
+
+
+def test_cuda_asked_without_gpu_is_a_clear_error(tiny_encoder):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        Encoder(tiny_encoder.model, tiny_encoder.tokenizer, fingerprint="x", device="cuda")
+
+
+def test_fingerprint_follows_the_weights(tiny_encoder, tiny_state_dict, tokenizer_path, tmp_path):
+    import torch
+
+    other = tmp_path / "other.bin"
+    torch.save({**tiny_state_dict, "logit_scale": torch.tensor(0.5)}, other)
+    settings = load_settings(
+        model="conch_tiny", checkpoint=other, tokenizer=tokenizer_path, device="cpu", cache_dir=tmp_path
+    )
+    assert Encoder.from_settings(settings).fingerprint != tiny_encoder.fingerprint
+    assert tiny_encoder.fingerprint.startswith("conch_tiny-")
+
+
+def test_no_weights_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    settings = load_settings(model="conch_tiny", cache_dir=tmp_path, device="cpu")
+    with pytest.raises(ModelUnavailable, match="histosearch model fetch"):
+        Encoder.from_settings(settings)
