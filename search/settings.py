@@ -52,9 +52,7 @@ class Settings(BaseSettings):
     # Where weights come from.
     hf_repo: str = "MahmoodLab/CONCH"
     hf_endpoint: str = "https://huggingface.co"
-    hf_token: str | None = Field(
-        None, validation_alias=AliasChoices("hf_token", "HISTOSEARCH_HF_TOKEN", "HF_TOKEN")
-    )
+    hf_token: str | None = Field(None, validation_alias=AliasChoices("hf_token", "HISTOSEARCH_HF_TOKEN", "HF_TOKEN"))
     tokenizer_url: str = CONCH_TOKENIZER_URL
     tokenizer_sha256: str = CONCH_TOKENIZER_SHA256
 
@@ -116,7 +114,5 @@ def load_settings(**overrides: object) -> Settings:
     try:
         return Settings(**clean)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"bad settings: {problems}") from None
