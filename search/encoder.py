@@ -105,23 +105,27 @@ class Encoder:
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor, *, normalize: bool = True, project: bool = True) -> np.ndarray:
-        """Embeddings of already preprocessed ``[n, 3, S, S]`` pixels, in one forward pass."""
-        if self.device.type == "cuda" and not pixels.is_cuda:
-            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        """Embeddings of normalised ``[n, 3, S, S]`` pixels (see Preprocess), in one forward pass."""
+        pixels = pixels.to(self.device, non_blocking=True)
         with self._autocast():
             out = self.model.encode_image(pixels, normalize=normalize, project=project)
         return out.float().cpu().numpy()
+
+    def encode_uint8(self, pixels: np.ndarray, *, normalize: bool = True, project: bool = True) -> np.ndarray:
+        """Embeddings of resized and cropped uint8 ``[n, S, S, 3]`` tiles; normalisation runs on the device."""
+        return self.encode_pixels(self.preprocess.normalize(pixels, self.device), normalize=normalize, project=project)
 
     def encode_images(
         self, images: Sequence[ImageInput], *, normalize: bool = True, project: bool = True
     ) -> np.ndarray:
         """PIL images, uint8 arrays or paths -> ``[n, 512]`` float32 (``project=False``: the pooled feature)."""
         chunks = [
-            self.encode_pixels(torch.stack([self.preprocess(im) for im in batch]), normalize=normalize, project=project)
+            self.encode_uint8(
+                np.stack([self.preprocess.resize_crop(im) for im in batch]), normalize=normalize, project=project
+            )
             for batch in _batches(images, self.batch_size)
         ]
-        width = self.dim if project else self.model.cfg.embed_dim
-        return np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.dim), np.float32)
 
     @torch.inference_mode()
     def encode_texts(

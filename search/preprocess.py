@@ -3,6 +3,10 @@
 Bicubic (PIL) resize of the shorter side to the input size, centre crop to a square, then RGB,
 [0, 1] scaling and OpenAI CLIP mean/std. Resize and crop happen before the RGB conversion, as in
 the reference: for palette or greyscale inputs the order changes the pixels.
+
+The work is split in two so the indexer can run the first half in decode workers and send uint8
+pixels (4x smaller than float) to the encoder, which normalises them, on the GPU when there is one:
+``resize_crop`` (PIL only) and ``normalize`` (torch). ``Preprocess.__call__`` does both.
 """
 
 from __future__ import annotations
@@ -11,15 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
-from torchvision.transforms import InterpolationMode
 
 from .config import PretrainedCfg
 
 ImageInput = Image.Image | np.ndarray | str | Path
 
-_INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
 def to_pil(image: ImageInput) -> Image.Image:
@@ -40,14 +42,38 @@ class Preprocess:
 
     def __init__(self, image_size: int, pretrained: PretrainedCfg) -> None:
         self.image_size = image_size
-        self.interpolation = _INTERPOLATION[pretrained.interpolation]
-        self.mean = list(pretrained.mean)
-        self.std = list(pretrained.std)
+        self.resample = _RESAMPLE[pretrained.interpolation]
+        self.mean = torch.tensor(pretrained.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(pretrained.std).view(1, 3, 1, 1)
 
-    def __call__(self, image: ImageInput) -> torch.Tensor:
+    def resize_crop(self, image: ImageInput) -> np.ndarray:
+        """``[S, S, 3]`` uint8 RGB. Tiles already at the model's size are not resampled."""
         image = to_pil(image)
-        image = TF.resize(image, self.image_size, interpolation=self.interpolation)
-        image = TF.center_crop(image, self.image_size)
+        size = self.image_size
+        width, height = image.size
+        if (width, height) != (size, size):
+            # torchvision's Resize(int) rule: the shorter side becomes `size`, the longer is truncated.
+            if width <= height:
+                new = (size, int(size * height / width))
+            else:
+                new = (int(size * width / height), size)
+            if new != (width, height):
+                image = image.resize(new, self.resample)
+            left = int(round((new[0] - size) / 2.0))
+            top = int(round((new[1] - size) / 2.0))
+            image = image.crop((left, top, left + size, top + size))
         if image.mode != "RGB":
             image = image.convert("RGB")
-        return TF.normalize(TF.to_tensor(image), self.mean, self.std)
+        return np.array(image, dtype=np.uint8)
+
+    def normalize(self, pixels: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """uint8 ``[n, S, S, 3]`` -> normalised float ``[n, 3, S, S]`` on ``device``."""
+        batch = torch.as_tensor(pixels)
+        if torch.device(device).type == "cuda":
+            batch = batch.pin_memory()
+        batch = batch.to(device, non_blocking=True)
+        batch = batch.permute(0, 3, 1, 2).float().div_(255)
+        return batch.sub_(self.mean.to(batch.device)).div_(self.std.to(batch.device))
+
+    def __call__(self, image: ImageInput) -> torch.Tensor:
+        return self.normalize(self.resize_crop(image)[None])[0]
