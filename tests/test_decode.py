@@ -1,0 +1,115 @@
+import hashlib
+import io
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from indexer.decode import content_hash, decode_image
+from search.errors import BadInput
+from tests.archives import TILE_FORMATS, bomb_png, image_bytes, make_image
+
+LIMIT = 100_000_000
+
+
+@pytest.mark.parametrize("fmt", TILE_FORMATS)
+def test_decodes_each_tile_format(fmt):
+    original = make_image(48, seed=3)
+    image = decode_image(image_bytes(original, fmt), f"tile.{fmt}", LIMIT)
+    assert image.size == (48, 48)
+    assert image.mode == "RGB"
+    if fmt in ("png", "tif"):  # lossless
+        assert image.tobytes() == original.tobytes()
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16"])
+def test_keeps_the_image_mode(mode):
+    # Conversion to RGB belongs to the model's preprocessing, after resize and crop.
+    original = make_image(16).convert("RGBA" if mode == "RGBA" else "L")
+    if mode == "P":
+        original = make_image(16).convert("P")
+    if mode == "I;16":
+        original = Image.new("I;16", (16, 16), 1000)
+    buf = io.BytesIO()
+    original.save(buf, "PNG")
+    assert decode_image(buf.getvalue(), "t.png", LIMIT).mode == mode
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty file"),
+        (b"this is not an image at all" * 10, "not a JPEG, PNG, TIFF or WebP"),
+        (image_bytes(make_image(16), "png").replace(b"IHDR", b"IHDX"), "not a JPEG, PNG, TIFF or WebP"),
+    ],
+)
+def test_refuses_non_images(data, reason):
+    with pytest.raises(BadInput, match=f"^cases/junk.png: .*{reason}"):
+        decode_image(data, "cases/junk.png", LIMIT)
+
+
+@pytest.mark.parametrize("fmt", TILE_FORMATS)
+def test_refuses_truncated_files(fmt):
+    data = image_bytes(make_image(64, seed=1), fmt)
+    with pytest.raises(BadInput, match=rf"^a/cut\.{fmt}: "):
+        decode_image(data[: len(data) // 2], f"a/cut.{fmt}", LIMIT)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP"])
+def test_refuses_other_formats(fmt):
+    buf = io.BytesIO()
+    make_image(16).save(buf, fmt)
+    with pytest.raises(BadInput, match="x.png: not a JPEG, PNG, TIFF or WebP"):
+        decode_image(buf.getvalue(), "x.png", LIMIT)
+
+
+def test_refuses_a_decompression_bomb():
+    data = bomb_png()  # 20000 x 20000 pixels in ~50 kB
+    assert len(data) < 100_000
+    with pytest.raises(BadInput, match="^bomb.png: .*too many pixels"):
+        decode_image(data, "bomb.png", LIMIT)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_pixel_count_is_checked_before_decoding():
+    # 12000 x 12000 pixels of broken data: decoding first would fail on the data, not the size.
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", 12_000, 12_000, 8, 2, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"not zlib data")
+    with pytest.raises(BadInput, match=r"12000x12000 is too many pixels \(limit 100000000"):
+        decode_image(data, "huge.png", LIMIT)
+    with pytest.raises(BadInput, match="huge.png: corrupt or truncated"):
+        decode_image(data, "huge.png", 12_000 * 12_000)
+
+
+def test_pixel_limit_is_inclusive():
+    data = image_bytes(make_image(64), "png")
+    assert decode_image(data, "t.png", 64 * 64).size == (64, 64)
+    with pytest.raises(BadInput, match="t.png: 64x64 is too many pixels"):
+        decode_image(data, "t.png", 64 * 64 - 1)
+
+
+def test_pil_images_pass_through_with_the_pixel_check():
+    tile = make_image(32)
+    assert decode_image(tile, "s.svs@L0:0,0:32", LIMIT) is tile
+    with pytest.raises(BadInput, match="s.svs@L0:0,0:32: 32x32 is too many pixels"):
+        decode_image(tile, "s.svs@L0:0,0:32", 100)
+
+
+def test_content_hash_of_bytes_is_their_sha256():
+    data = image_bytes(make_image(16), "png")
+    assert content_hash(data) == hashlib.sha256(data).hexdigest()
+    assert content_hash(data) != content_hash(data + b"\0")
+
+
+def test_content_hash_of_images_covers_pixels_and_size():
+    tile = make_image(16, seed=1)
+    assert content_hash(tile) == content_hash(tile.copy())
+    assert content_hash(tile.convert("RGBA")) == content_hash(tile)
+    assert content_hash(tile) != content_hash(make_image(16, seed=2))
+    raw = bytes(range(48))
+    wide, tall = Image.frombytes("RGB", (8, 2), raw), Image.frombytes("RGB", (2, 8), raw)
+    assert content_hash(wide) != content_hash(tall)
