@@ -56,6 +56,7 @@ class Encoder:
         device: str = "auto",
         dtype: str = "fp32",
         batch_size: int = 32,
+        compile: bool = False,
     ) -> None:
         self.device = resolve_device(device)
         if dtype not in _DTYPES:
@@ -64,6 +65,8 @@ class Encoder:
             raise ConfigError(f"dtype {dtype} needs a CUDA device (this one is {self.device}): use --dtype fp32")
         self.dtype = dtype
         self.model = model.to(self.device).eval()
+        if compile and self.device.type == "cuda":
+            self.model.visual = torch.compile(self.model.visual)
         self.tokenizer = tokenizer
         self.fingerprint = fingerprint
         self.batch_size = batch_size
@@ -88,6 +91,7 @@ class Encoder:
             device=settings.device,
             dtype=settings.dtype,
             batch_size=settings.batch_size,
+            compile=settings.compile,
         )
 
     @property

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     device: str = "auto"
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     batch_size: int = Field(32, ge=1, le=4096)
+    # torch.compile the image tower (GPU only; the first batch pays the compile time).
+    compile: bool = False
 
     # Where weights come from.
     hf_repo: str = "MahmoodLab/CONCH"

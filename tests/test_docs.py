@@ -1,0 +1,47 @@
+"""Every CLI command, option and setting is documented."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from search.cli import build_parser
+from search.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI_DOC = (ROOT / "docs" / "cli.md").read_text()
+
+
+def _commands(parser: argparse.ArgumentParser, prefix: str = ""):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield f"{prefix}{name}", sub
+                yield from _commands(sub, f"{prefix}{name} ")
+
+
+def test_every_command_and_option_is_in_the_cli_doc():
+    for name, sub in _commands(build_parser()):
+        assert f"`{name}" in CLI_DOC, f"command {name!r} missing from docs/cli.md"
+        for action in sub._actions:
+            for option in action.option_strings:
+                if option.startswith("--") and option != "--help":
+                    assert option in CLI_DOC, f"{name} {option} missing from docs/cli.md"
+
+
+def test_every_setting_is_in_the_cli_doc():
+    for field in Settings.model_fields:
+        assert f"| `{field}` |" in CLI_DOC, f"setting {field!r} missing from docs/cli.md"
+
+
+def test_readme_has_two_setup_commands_and_the_main_job():
+    readme = (ROOT / "README.md").read_text()
+    setup = readme.split("## Set up")[1].split("```bash")[1].split("```")[0]
+    assert [line.split("#")[0].strip() for line in setup.strip().splitlines()] == [
+        "bash scripts/install.sh",
+        "python3 -m pytest",
+    ]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "bash scripts/install.sh" in ci and "python3 -m pytest" in ci
+    for command in ("histosearch model fetch", "histosearch index", "histosearch serve", "histosearch reindex"):
+        assert command in readme
