@@ -127,6 +127,127 @@ def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _indexer(settings: Settings, args: argparse.Namespace):
+    from indexer.indexer import Indexer
+
+    return Indexer(settings, progress=not getattr(args, "quiet", False))
+
+
+def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
+    if args.manifest is not None and not args.manifest.is_file():
+        raise BadInput(f"{args.manifest}: no such manifest file")
+    report = _indexer(settings, args).run(args.paths, manifest=args.manifest, kind="index", wait=args.wait)
+    print(report.summary())
+    return 0
+
+
+def cmd_reindex(args: argparse.Namespace, settings: Settings) -> int:
+    report = _indexer(settings, args).run(args.paths or None, kind="reindex", wait=args.wait)
+    print(report.summary() or "nothing indexed yet: run `histosearch index PATH` first")
+    return 0
+
+
+def cmd_index_texts(args: argparse.Namespace, settings: Settings) -> int:
+    added = _indexer(settings, args).index_texts(args.files, args.corpus, wait=args.wait)
+    print(f"added {added} texts")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from .engine import Engine
+
+    status = Engine(settings).status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    counts, index, model = status["counts"], status["index"], status["model"]
+    print(f"data dir: {settings.data_dir}")
+    print(f"model: {model['name']} ({model['embed_dim']}-d, {model['image_size']} px), device {status['device']}")
+    print(
+        f"tiles: {counts['tiles']} in {counts['sources']} sources, {counts['slides']} slides, {counts['cases']} cases"
+    )
+    print(f"texts: {counts['texts']}")
+    if index:
+        print(f"index: {index['type']}, {index['size']} vectors, built {index['built_at']} on {index['device']}")
+        print(f"index model: {index['model_fingerprint']}")
+    else:
+        print("index: none yet (run `histosearch index PATH`)")
+    for label, job in (("running", status["running_job"]), ("last run", status["last_job"])):
+        if job:
+            print(
+                f"{label}: {job['kind']} job {job['id']} {job['status']}, {job['done']} tiles, {job['errors']} errors,"
+                f" started {job['started_at']}"
+            )
+    errors = status["recent_errors"]
+    if errors:
+        print(f"recent errors ({len(errors)}):")
+        for error in errors[:10]:
+            print(f"  {error['path']}: {error['reason']}")
+    return 0
+
+
+def _filters(args: argparse.Namespace):
+    from .engine import Filters
+
+    meta = {}
+    for item in args.meta or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BadInput(f"--meta {item!r}: expected KEY=VALUE")
+        meta[key] = value
+    return Filters(source=args.source, slide=args.slide, case=args.case, meta=meta)
+
+
+def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
+    from PIL import Image, UnidentifiedImageError
+
+    from .engine import Engine
+
+    engine = Engine(settings)
+    filters = _filters(args)
+    if (args.text is None) == (args.image is None):
+        raise BadInput('give a text ("cribriform glands") or --image FILE, not both')
+    if args.image is not None:
+        try:
+            with Image.open(args.image) as im:
+                im.load()
+                image = im.copy()
+        except (UnidentifiedImageError, OSError) as exc:
+            raise BadInput(f"{args.image}: not a readable image ({exc})") from None
+        result = engine.search_image(image, k=args.k, filters=filters)
+    else:
+        result = engine.search_text(args.text, k=args.k, filters=filters)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for hit in result["results"]:
+        where = f" x={hit['x']} y={hit['y']}" if hit.get("x") is not None else ""
+        print(
+            f"{hit['rank']:>3}  {hit['score']:.4f}  tile {hit['tile_id']:<8} case={hit['case'] or '-'} "
+            f"slide={hit['slide'] or '-'}{where}  {hit['path']}"
+        )
+    if not result["results"]:
+        print("no results")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from webui.app import serve
+
+    serve(settings)
+    return 0
+
+
+def _index_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wait", action="store_true", help="wait for another running indexer instead of stopping")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--workers", type=int, help="decode worker processes (0: decode in the main process)")
+    parser.add_argument(
+        "--index-type", choices=["auto", "flat", "ivf", "ivfpq", "hnsw"], help="FAISS index type (default auto)"
+    )
+    _model_options(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="histosearch", description="Search pathology tile archives with CONCH.")
     parser.add_argument("--data-dir", type=Path, help="where the index lives (HISTOSEARCH_DATA_DIR)")
@@ -151,6 +272,47 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--ensemble", action="store_true", help="prompt-ensemble the texts")
     _model_options(embed)
     embed.set_defaults(func=cmd_embed)
+
+    index = sub.add_parser("index", help="index folders, zip/tar shards and whole-slide images")
+    index.add_argument("paths", type=Path, nargs="+", help="folders, .zip, .tar(.gz), WebDataset shards, slides")
+    index.add_argument("--manifest", type=Path, help="CSV mapping files or slides to case_id, slide_id, metadata")
+    _index_options(index)
+    index.set_defaults(func=cmd_index)
+
+    reindex = sub.add_parser("reindex", help="bring the index in step with its archives (all sources by default)")
+    reindex.add_argument("paths", type=Path, nargs="*", help="only these sources")
+    _index_options(reindex)
+    reindex.set_defaults(func=cmd_reindex)
+
+    texts = sub.add_parser("index-texts", help="add captions or terms (txt, csv, jsonl) for image -> text")
+    texts.add_argument("files", type=Path, nargs="+")
+    texts.add_argument("--corpus", help="corpus name (default: the file name)")
+    _index_options(texts)
+    texts.set_defaults(func=cmd_index_texts)
+
+    status = sub.add_parser("status", help="counts, model, index type, device, last run and errors")
+    status.add_argument("--json", action="store_true")
+    _model_options(status)
+    status.set_defaults(func=cmd_status)
+
+    query = sub.add_parser("query", help="print the top tiles for a text or an image")
+    query.add_argument("text", nargs="?", help="a morphology description")
+    query.add_argument("--image", type=Path, help="an image file (image -> image)")
+    query.add_argument("-k", type=int, default=10, help="how many results (default 10)")
+    query.add_argument("--source", help="only tiles of this source (path or id)")
+    query.add_argument("--slide", help="only tiles of this slide")
+    query.add_argument("--case", help="only tiles of this case")
+    query.add_argument("--meta", action="append", metavar="KEY=VALUE", help="only tiles with this metadata")
+    query.add_argument("--json", action="store_true", help="machine-readable output")
+    _model_options(query)
+    query.set_defaults(func=cmd_query)
+
+    serve = sub.add_parser("serve", help="open the web UI (http://127.0.0.1:8000 by default)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--auth-token", help="require this token (HISTOSEARCH_AUTH_TOKEN)")
+    _model_options(serve)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,391 @@
+"""Index and reindex: keep the store, the embeddings and the FAISS index in step with the archives.
+
+For each source the reader's listing is compared with what the store holds: new tiles are embedded,
+tiles whose cheap fingerprint moved are re-read and re-embedded only if their content hash changed,
+tiles embedded by another model are re-embedded, and tiles no longer listed leave the store. Every
+batch commits its tiles and their vectors in one transaction, so a run killed at any moment (kill -9
+included) resumes where it stopped: no tile lost, none twice. The FAISS index is rebuilt from the
+stored embeddings beside the live one and published by an atomic pointer swap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from filelock import FileLock, Timeout
+from tqdm import tqdm
+
+from search.encoder import Encoder
+from search.errors import BadInput, IndexBusy
+from search.settings import Settings
+from search.store import Store, TileState
+from search.vectors import IndexDirectory, VectorIndex, choose_index_type
+
+from .manifest import Manifest, identity
+from .pipeline import Decoded, DecodePool, Failed
+from .readers import Reader, Skipped, TileEntry, open_reader
+from .texts import BUILTIN_CORPUS, TextItem, builtin_vocabulary, load_corpus
+
+
+@dataclass
+class SourceReport:
+    uri: str
+    kind: str = ""
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    reembedded: int = 0
+    removed: int = 0
+    errors: int = 0
+
+
+@dataclass
+class RunReport:
+    job_id: int
+    sources: list[SourceReport] = field(default_factory=list)
+    texts_embedded: int = 0
+    build: dict | None = None
+
+    @property
+    def errors(self) -> int:
+        return sum(s.errors for s in self.sources)
+
+    def summary(self) -> str:
+        lines = [
+            f"{s.uri} ({s.kind or '?'}): {s.new} new, {s.changed} changed, {s.reembedded} re-embedded, "
+            f"{s.removed} removed, {s.unchanged} unchanged, {s.errors} errors"
+            for s in self.sources
+        ]
+        if self.texts_embedded:
+            lines.append(f"texts: {self.texts_embedded} embedded")
+        if self.build:
+            lines.append(f"index: build {self.build['id']}, {self.build['index_type']}, {self.build['count']} vectors")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Work:
+    entry: TileEntry
+    state: TileState | None  # None: a new tile
+
+
+class Indexer:
+    def __init__(
+        self, settings: Settings, *, store: Store | None = None, encoder: Encoder | None = None, progress: bool = False
+    ) -> None:
+        self.settings = settings
+        self.store = store or Store(settings.db_url)
+        self._encoder = encoder
+        self.progress = progress
+        self.directory = IndexDirectory(settings.data_dir / "index")
+
+    @property
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            self._encoder = Encoder.from_settings(self.settings)
+        return self._encoder
+
+    def lock(self, wait: bool = False) -> FileLock:
+        """The one-indexer-at-a-time lock; a second indexer waits (``wait``) or stops with IndexBusy."""
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.settings.data_dir / "indexer.lock", timeout=-1 if wait else 0)
+        try:
+            lock.acquire()
+        except Timeout:
+            job = self.store.running_job()
+            who = f" (job {job['id']}, pid {job['pid']}, started {job['started_at']})" if job else ""
+            raise IndexBusy(
+                f"another indexer is running on {self.settings.data_dir}{who}: wait for it to finish, "
+                "or run again with --wait to queue behind it"
+            ) from None
+        return lock
+
+    def run(
+        self, paths: list[Path] | None = None, *, manifest: Path | None = None, kind: str = "index", wait: bool = False
+    ) -> RunReport:
+        """Bring the given sources (all known ones when None) up to date, then publish a fresh index."""
+        lock = self.lock(wait)
+        try:
+            self.store.mark_stale_jobs_interrupted()
+            if paths is None:
+                paths = [Path(s["uri"]) for s in self.store.sources()]
+            args = {"paths": [str(p) for p in paths], "manifest": str(manifest) if manifest else None}
+            job_id = self.store.start_job(kind, args)
+            report = RunReport(job_id)
+            try:
+                manifest_obj = Manifest.load(manifest) if manifest else None
+                fingerprint = self.encoder.fingerprint
+                changed = False
+                for path in paths:
+                    source = self._sync_source(Path(path), manifest, manifest_obj, job_id)
+                    report.sources.append(source)
+                    changed |= bool(source.new or source.changed or source.reembedded or source.removed)
+                report.texts_embedded = self._sync_texts(fingerprint)
+                report.build = self.build_index(force=changed)
+            except KeyboardInterrupt:
+                self.store.finish_job(job_id, "interrupted", "interrupted by the user")
+                raise
+            except Exception as exc:
+                self.store.finish_job(job_id, "failed", str(exc))
+                raise
+            self.store.finish_job(job_id, "done", report.summary())
+            return report
+        finally:
+            lock.release()
+
+    # --- sources ---------------------------------------------------------------------------------
+
+    def _sync_source(
+        self, path: Path, manifest_path: Path | None, manifest: Manifest | None, job_id: int
+    ) -> SourceReport:
+        uri = str(path.resolve())
+        report = SourceReport(uri)
+        try:
+            reader = open_reader(path, self.settings)
+        except BadInput as exc:
+            # A missing or unreadable archive keeps what was indexed from it: nothing is lost to bad input.
+            self.store.record_error(uri, exc.message, job_id=job_id)
+            report.errors += 1
+            return report
+        report.kind = reader.kind
+        source_id = self.store.get_or_create_source(reader.kind, uri)
+        manifest_key = f"manifest:{source_id}"
+        if manifest_path is not None:
+            self.store.set_meta(manifest_key, str(manifest_path.resolve()))
+        elif (saved := self.store.get_meta(manifest_key)) and Path(saved).is_file():
+            manifest = Manifest.load(Path(saved))
+        try:
+            existing = self.store.tile_states(source_id)
+            work, seen, complete = self._plan(reader, existing, source_id, job_id, report)
+            self._embed(reader, work, source_id, manifest, job_id, report)
+            if complete:
+                removed = [state.id for locator, state in existing.items() if locator not in seen]
+                self.store.delete_tiles(removed)
+                report.removed = len(removed)
+                self.store.mark_scanned(source_id)
+        finally:
+            reader.close()
+        return report
+
+    def _plan(
+        self, reader: Reader, existing: dict[str, TileState], source_id: int, job_id: int, report: SourceReport
+    ) -> tuple[list[_Work], set[str], bool]:
+        fingerprint = self.encoder.fingerprint
+        work: list[_Work] = []
+        seen: set[str] = set()
+        try:
+            for item in reader.scan():
+                if isinstance(item, Skipped):
+                    self.store.record_error(item.path, item.reason, job_id=job_id, source_id=source_id)
+                    report.errors += 1
+                    continue
+                seen.add(item.locator)
+                state = existing.get(item.locator)
+                if state and state.fingerprint == item.fingerprint and state.model_fingerprint == fingerprint:
+                    report.unchanged += 1
+                else:
+                    work.append(_Work(item, state))
+        except (BadInput, OSError, EOFError) as exc:
+            # A listing cut short must not read as "every later tile was removed".
+            reason = exc.message if isinstance(exc, BadInput) else f"{reader.root}: listing failed ({exc})"
+            self.store.record_error(str(reader.root), reason, job_id=job_id, source_id=source_id)
+            report.errors += 1
+            return work, seen, False
+        return work, seen, True
+
+    def _embed(
+        self,
+        reader: Reader,
+        work: list[_Work],
+        source_id: int,
+        manifest: Manifest | None,
+        job_id: int,
+        report: SourceReport,
+    ) -> None:
+        if not work:
+            return
+        encoder = self.encoder
+        by_locator = {w.entry.locator: w for w in work}
+        identities = _Identities(self.store, source_id, manifest, self.settings.path_pattern)
+        batch: list[tuple[_Work, Decoded]] = []
+        bar = tqdm(total=len(work), unit="tile", desc=Path(reader.root).name, disable=not self.progress)
+        done = 0
+
+        def flush() -> None:
+            nonlocal done
+            if not batch:
+                return
+            vectors = encoder.encode_uint8(np.stack([d.pixels for _, d in batch]))
+            new, replaced, reembed = [], [], []
+            for i, (w, d) in enumerate(batch):
+                if w.state is None:
+                    new.append(i)
+                elif w.state.content_hash != d.content_hash:
+                    replaced.append(i)
+                else:
+                    reembed.append(i)
+            if new:
+                self.store.add_tiles(
+                    [identities.row(batch[i][0].entry, batch[i][1]) for i in new], vectors[new], encoder.fingerprint
+                )
+            if replaced:
+                self.store.replace_tiles(
+                    [batch[i][0].state.id for i in replaced],
+                    [identities.row(batch[i][0].entry, batch[i][1]) for i in replaced],
+                    vectors[replaced],
+                    encoder.fingerprint,
+                )
+            if reembed:
+                ids = [batch[i][0].state.id for i in reembed]
+                self.store.set_embeddings(ids, vectors[reembed], encoder.fingerprint)
+                self.store.update_fingerprints([(batch[i][0].state.id, batch[i][0].entry.fingerprint) for i in reembed])
+            report.new += len(new)
+            report.changed += len(replaced)
+            report.reembedded += len(reembed)
+            done += len(batch)
+            bar.update(len(batch))
+            self.store.update_job(job_id, done=done, errors=report.errors)
+            batch.clear()
+
+        with DecodePool(self.settings.workers, encoder.preprocess, self.settings.max_image_pixels) as pool:
+            for result in pool.decode(reader, [w.entry.locator for w in work]):
+                w = by_locator[result.locator]
+                if isinstance(result, Failed):
+                    # A tile already indexed keeps its old vector until it reads well again.
+                    self.store.record_error(w.entry.path, result.reason, job_id=job_id, source_id=source_id)
+                    report.errors += 1
+                    bar.update(1)
+                    continue
+                state = w.state
+                if (
+                    state
+                    and state.content_hash == result.content_hash
+                    and state.model_fingerprint == encoder.fingerprint
+                ):
+                    self.store.update_fingerprints([(state.id, w.entry.fingerprint)])
+                    report.unchanged += 1
+                    bar.update(1)
+                    continue
+                batch.append((w, result))
+                if len(batch) >= self.settings.batch_size:
+                    flush()
+            flush()
+        bar.close()
+
+    # --- texts -------------------------------------------------------------------------------------
+
+    def _sync_texts(self, fingerprint: str) -> int:
+        """The built-in vocabulary once per index, and texts embedded by another model re-embedded."""
+        embedded = 0
+        if self.store.get_meta("builtin_vocabulary") is None:
+            embedded += self._add_texts(BUILTIN_CORPUS, builtin_vocabulary())
+            self.store.set_meta("builtin_vocabulary", "1")
+        missing = self.store.texts_missing_embeddings(fingerprint)
+        if missing:
+            ids = [i for i, _ in missing]
+            vectors = self.encoder.encode_texts([t for _, t in missing])
+            self.store.set_text_embeddings(ids, vectors, fingerprint)
+            embedded += len(ids)
+        return embedded
+
+    def _add_texts(self, corpus: str, items: list[TextItem]) -> int:
+        vectors = self.encoder.encode_texts([item.text for item in items])
+        return self.store.add_texts(
+            corpus, [(item.text, dict(item.tags)) for item in items], vectors, self.encoder.fingerprint
+        )
+
+    def index_texts(self, files: list[Path], corpus: str | None = None, *, wait: bool = False) -> int:
+        """Add caption / term corpora (txt, csv, jsonl) for image -> text search."""
+        lock = self.lock(wait)
+        try:
+            added = 0
+            for path in files:
+                added += self._add_texts(corpus or Path(path).stem, load_corpus(Path(path)))
+            self._sync_texts(self.encoder.fingerprint)
+            return added
+        finally:
+            lock.release()
+
+    # --- FAISS -------------------------------------------------------------------------------------
+
+    def build_index(self, force: bool = False) -> dict | None:
+        """Build a FAISS index from the stored embeddings beside the live one and publish it atomically."""
+        fingerprint = self.encoder.fingerprint
+        count = self.store.counts()["embedded_by_model"].get(fingerprint, 0)
+        live = self.store.live_build()
+        requested = choose_index_type(count, self.settings.index_type, self.settings.exact_max)
+        if (
+            not force
+            and live
+            and live["model_fingerprint"] == fingerprint
+            and live["count"] == count
+            and live["index_type"] == requested
+            and self.directory.live_build_id() == live["id"]
+        ):
+            return live
+        ids, vectors = _concat(self.store.iter_embeddings(fingerprint))
+        if len(ids) == 0:
+            return None
+        index = VectorIndex.build(
+            ids, vectors, self.settings.index_type, exact_max=self.settings.exact_max, device=self.settings.device
+        )
+        build_id = self.store.add_build(fingerprint, index.index_type, index.ntotal, "", index.device)
+        path = self.directory.build_path(build_id)
+        index.save(path)
+        self.directory.publish(build_id)
+        self.store.set_build_status(build_id, "live")
+        return self.store.live_build()
+
+
+class _Identities:
+    """Tile rows with their case and slide, resolved once per slide/case key per run."""
+
+    def __init__(self, store: Store, source_id: int, manifest: Manifest | None, pattern: str) -> None:
+        self.store = store
+        self.source_id = source_id
+        self.manifest = manifest
+        self.pattern = pattern
+        self._cases: dict[str, int] = {}
+        self._slides: dict[str, int] = {}
+
+    def row(self, entry: TileEntry, decoded: Decoded) -> dict:
+        wsi = entry.slide_path is not None
+        case_key, slide_key, extra = identity(entry.slide_path or entry.path, self.manifest, self.pattern, slide=wsi)
+        case_id = None
+        if case_key:
+            if case_key not in self._cases:
+                self._cases[case_key] = self.store.upsert_case(case_key)
+            case_id = self._cases[case_key]
+        slide_id = None
+        if slide_key:
+            if slide_key not in self._slides:
+                self._slides[slide_key] = self.store.upsert_slide(
+                    slide_key, self.source_id, case_id, entry.slide_path or str(Path(entry.path).parent)
+                )
+            slide_id = self._slides[slide_key]
+        return {
+            "source_id": self.source_id,
+            "locator": entry.locator,
+            "path": entry.path,
+            "slide_id": slide_id,
+            "level": entry.level,
+            "x": entry.x,
+            "y": entry.y,
+            "size": entry.size,
+            "mpp": entry.mpp,
+            "width": decoded.width,
+            "height": decoded.height,
+            "content_hash": decoded.content_hash,
+            "fingerprint": entry.fingerprint,
+            "meta": {**extra, **entry.meta},
+        }
+
+
+def _concat(chunks: Iterator[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    parts = list(chunks)
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

@@ -1,0 +1,104 @@
+"""Decode tiles in parallel workers and stream them, batched, through the encoder.
+
+Workers read a tile through its reader, hash its bytes, decode it safely and resize/crop it to the
+model's input, then send back uint8 pixels (4x smaller than float); the encoder normalises them on
+its device. At most a few chunks per worker are in flight, so memory stays bounded however large
+the archive, and the workers decode ahead while the encoder runs.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from search.errors import BadInput
+from search.preprocess import Preprocess
+
+from .decode import content_hash, decode_image
+from .readers import Reader
+
+CHUNK = 16
+
+
+@dataclass(frozen=True)
+class Decoded:
+    locator: str
+    content_hash: str
+    width: int
+    height: int
+    pixels: np.ndarray  # [S, S, 3] uint8
+
+
+@dataclass(frozen=True)
+class Failed:
+    locator: str
+    reason: str
+
+
+def decode_tile(reader: Reader, locator: str, preprocess: Preprocess, max_pixels: int) -> Decoded | Failed:
+    try:
+        data = reader.read(locator)
+        image = decode_image(data, locator, max_pixels)
+        return Decoded(locator, content_hash(data), image.width, image.height, preprocess.resize_crop(image))
+    except BadInput as exc:
+        return Failed(locator, exc.message)
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        return Failed(locator, f"{locator}: unreadable ({type(exc).__name__}: {exc})")
+
+
+def _decode_chunk(reader: Reader, locators: list[str], preprocess: Preprocess, max_pixels: int) -> list:
+    return [decode_tile(reader, loc, preprocess, max_pixels) for loc in locators]
+
+
+class DecodePool:
+    """Ordered, bounded parallel decoding; ``workers=0`` decodes in the calling process."""
+
+    def __init__(self, workers: int, preprocess: Preprocess, max_pixels: int) -> None:
+        self.workers = workers
+        self.preprocess = preprocess
+        self.max_pixels = max_pixels
+        # spawn: the parent holds torch (and maybe CUDA) state that a forked child must not inherit.
+        self._executor = (
+            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 0 else None
+        )
+
+    def decode(self, reader: Reader, locators: Iterable[str]) -> Iterator[Decoded | Failed]:
+        chunks = _chunked(locators, CHUNK)
+        if self._executor is None:
+            for chunk in chunks:
+                yield from _decode_chunk(reader, chunk, self.preprocess, self.max_pixels)
+            return
+        in_flight: deque[Future] = deque()
+        limit = 3 * self.workers + 1
+        for chunk in chunks:
+            in_flight.append(self._executor.submit(_decode_chunk, reader, chunk, self.preprocess, self.max_pixels))
+            if len(in_flight) >= limit:
+                yield from in_flight.popleft().result()
+        while in_flight:
+            yield from in_flight.popleft().result()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(cancel_futures=True)
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _chunked(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

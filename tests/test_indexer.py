@@ -1,0 +1,258 @@
+"""Indexing real archives end to end with the tiny CONCH config and synthetic weights."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from indexer.indexer import Indexer
+from search.encoder import Encoder
+from search.errors import IndexBusy
+from search.settings import load_settings
+from search.store import Store
+from search.vectors import IndexDirectory, VectorIndex
+from tests.archives import (
+    bomb_png,
+    files_under,
+    image_bytes,
+    make_hostile_zip,
+    make_image,
+    make_slide,
+    make_tar,
+    make_tiles,
+    make_wds_shard,
+    make_zip,
+    wds_sidecar,
+)
+
+
+@pytest.fixture
+def indexer(tiny_settings, tiny_encoder):
+    return Indexer(tiny_settings, encoder=tiny_encoder)
+
+
+def _tiles(store: Store) -> dict[str, dict]:
+    ids = store.tile_ids_matching()
+    return {t["locator"]: t for t in store.get_tiles(list(map(int, ids)))}
+
+
+def _live_index(settings) -> VectorIndex:
+    directory = IndexDirectory(settings.data_dir / "index")
+    return VectorIndex.load(directory.build_path(directory.live_build_id()))
+
+
+def test_folder_tiles_metadata_and_self_retrieval(indexer, tiny_settings, tiny_encoder, tmp_path):
+    paths = make_tiles(tmp_path / "tiles", 12)
+    report = indexer.run([tmp_path / "tiles"])
+    assert report.sources[0].new == 12 and report.errors == 0
+    tiles = _tiles(indexer.store)
+    expected = {p.relative_to(tmp_path / "tiles").as_posix() for p in paths}
+    assert set(tiles) == expected
+    first = tiles["case0/slide0/tile_000.jpg"]
+    assert (first["case_key"], first["slide_key"]) == ("case0", "slide0")
+    assert first["width"] == first["height"] == 64 and len(first["content_hash"]) == 64
+    index = _live_index(tiny_settings)
+    assert index.ntotal == 12
+    for path in paths[:4]:
+        query = tiny_encoder.encode_images([path])
+        scores, ids = index.search(query, 1)
+        assert tiles[path.relative_to(tmp_path / "tiles").as_posix()]["id"] == ids[0, 0]
+        assert scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    assert report.build["count"] == 12 and report.build["model_fingerprint"] == tiny_encoder.fingerprint
+    # The built-in vocabulary is indexed by default for image -> text.
+    text_ids, text_vectors = indexer.store.text_matrix(tiny_encoder.fingerprint)
+    assert len(text_ids) >= 300 and text_vectors.shape[1] == 32
+
+
+def test_zip_tar_and_webdataset_in_one_run(indexer, tmp_path):
+    make_tiles(tmp_path / "src", 6)
+    files = files_under(tmp_path / "src")
+    make_zip(tmp_path / "a.zip", files)
+    make_tar(tmp_path / "b.tar.gz", files, gz=True)
+    keys = make_wds_shard(tmp_path / "shard-000.tar", 5)
+    report = indexer.run([tmp_path / "a.zip", tmp_path / "b.tar.gz", tmp_path / "shard-000.tar"])
+    assert [s.new for s in report.sources] == [6, 6, 5]
+    assert [s.kind for s in report.sources] == ["zip", "tar", "tar"]
+    tiles = _tiles(indexer.store)
+    assert len(indexer.store.tile_ids_matching()) == 17
+    sample = next(t for t in tiles.values() if t["locator"].startswith(keys[3]))
+    assert sample["meta"]["label"] == wds_sidecar(3)["label"]
+    assert len(indexer.store.tile_ids_matching(source=str((tmp_path / "a.zip").resolve()))) == 6
+
+
+def test_whole_slide_tiles_keep_position(indexer, tiny_settings, tmp_path):
+    (tmp_path / "slides").mkdir()
+    make_slide(tmp_path / "slides" / "S1.tiff", size=1024, mpp=0.25, tissue=(256, 256, 768, 768), levels=2)
+    report = indexer.run([tmp_path / "slides" / "S1.tiff"])
+    assert report.sources[0].kind == "slide" and report.sources[0].new > 0
+    tiles = list(_tiles(indexer.store).values())
+    assert all(t["slide_key"] == "S1" and t["mpp"] == pytest.approx(0.5) for t in tiles)
+    assert all(t["x"] is not None and t["y"] is not None and t["level"] is not None for t in tiles)
+    # Tissue only: every tile lies over the tissue rectangle (tile size 64 at 0.5 um/px = 128 level-0 px).
+    assert all(128 <= t["x"] < 768 and 128 <= t["y"] < 768 for t in tiles)
+    assert indexer.store.neighbours(tiles[0]["id"])
+
+
+def test_reindex_adds_removes_and_changes(indexer, tiny_encoder, tmp_path):
+    root = tmp_path / "tiles"
+    paths = make_tiles(root, 8)
+    indexer.run([root])
+    before = _tiles(indexer.store)
+    paths[0].unlink()
+    changed = paths[1]
+    changed.write_bytes(image_bytes(make_image(64, 999), "png"))
+    added = make_tiles(tmp_path / "more", 2, seed=7)
+    for i, p in enumerate(added):
+        p.rename(root / f"new_{i}.{p.suffix[1:]}")
+    os.utime(paths[2])  # touched, same bytes: not re-embedded
+    report = indexer.run(kind="reindex")
+    src = report.sources[0]
+    assert (src.new, src.removed, src.changed, src.reembedded) == (2, 1, 1, 0)
+    after = _tiles(indexer.store)
+    rel = lambda p: p.relative_to(root).as_posix()  # noqa: E731
+    assert rel(paths[0]) not in after and {"new_0.jpg", "new_1.png"} <= set(after)
+    assert after[rel(changed)]["id"] != before[rel(changed)]["id"]
+    assert after[rel(paths[2])]["id"] == before[rel(paths[2])]["id"]
+    index = _live_index(indexer.settings)
+    assert index.ntotal == 9
+    _, ids = index.search(tiny_encoder.encode_images([changed]), 1)
+    assert ids[0, 0] == after[rel(changed)]["id"]
+    # Nothing changed: a reindex embeds nothing and keeps the live build.
+    again = indexer.run(kind="reindex")
+    assert again.sources[0].unchanged == 9 and again.build["id"] == report.build["id"]
+
+
+def test_other_checkpoint_means_full_reembed(indexer, tiny_settings, tiny_state_dict, tokenizer_path, tmp_path):
+    make_tiles(tmp_path / "tiles", 5)
+    indexer.run([tmp_path / "tiles"])
+    other = tmp_path / "other.bin"
+    state = dict(tiny_state_dict)
+    state["visual.proj_contrast"] = state["visual.proj_contrast"].flip(0)
+    torch.save(state, other)
+    settings = load_settings(**{**tiny_settings.model_dump(), "checkpoint": other})
+    encoder = Encoder.from_settings(settings)
+    report = Indexer(settings, encoder=encoder).run(kind="reindex")
+    assert report.sources[0].reembedded == 5
+    assert report.build["model_fingerprint"] == encoder.fingerprint
+    assert indexer.store.counts()["embedded_by_model"] == {encoder.fingerprint: 5}
+    assert len(indexer.store.texts_missing_embeddings(encoder.fingerprint)) == 0
+
+
+def test_bad_files_are_recorded_and_skipped(indexer, tiny_settings, tmp_path):
+    root = tmp_path / "tiles"
+    make_tiles(root, 3)
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    good = image_bytes(make_image(64, 3), "jpg")
+    (root / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "bomb.png").write_bytes(bomb_png())
+    make_hostile_zip(tmp_path / "hostile.zip")
+    report = indexer.run([root, tmp_path / "hostile.zip"])
+    assert report.sources[0].new == 3 and report.sources[1].new == 1
+    errors = {e["path"]: e["reason"] for e in indexer.store.recent_errors(50)}
+    assert "corrupt.png" in errors and "truncated.jpg" in errors
+    assert "decompression bomb" in errors["bomb.png"]
+    assert any("'..'" in r for p, r in errors.items() if "evil" in p)
+    # A tile that goes bad later keeps its indexed vector.
+    victim = root / "case0" / "slide0" / "tile_000.jpg"
+    victim.write_bytes(b"broken now")
+    report = indexer.run([root], kind="reindex")
+    assert report.sources[0].errors >= 1
+    assert "case0/slide0/tile_000.jpg" in _tiles(indexer.store)
+
+
+def test_missing_archive_keeps_its_tiles(indexer, tmp_path):
+    make_tiles(tmp_path / "src", 4)
+    make_zip(tmp_path / "a.zip", files_under(tmp_path / "src"))
+    indexer.run([tmp_path / "a.zip"])
+    (tmp_path / "a.zip").unlink()
+    report = indexer.run(kind="reindex")
+    assert report.sources[0].errors == 1 and report.sources[0].removed == 0
+    assert len(indexer.store.tile_ids_matching()) == 4
+    assert "no such file" in indexer.store.recent_errors(1)[0]["reason"]
+
+
+def test_second_indexer_stops_with_a_clear_message(indexer, tiny_settings, tiny_encoder, tmp_path):
+    make_tiles(tmp_path / "tiles", 2)
+    lock = indexer.lock()
+    try:
+        with pytest.raises(IndexBusy, match="--wait"):
+            Indexer(tiny_settings, encoder=tiny_encoder).run([tmp_path / "tiles"])
+    finally:
+        lock.release()
+    assert Indexer(tiny_settings, encoder=tiny_encoder).run([tmp_path / "tiles"]).sources[0].new == 2
+
+
+def test_decode_workers_give_the_same_vectors(tiny_settings, tiny_encoder, tmp_path):
+    make_tiles(tmp_path / "tiles", 6)
+    inline = Indexer(tiny_settings, encoder=tiny_encoder)
+    inline.run([tmp_path / "tiles"])
+    settings = load_settings(**{**tiny_settings.model_dump(), "workers": 2, "data_dir": tmp_path / "d2"})
+    pooled = Indexer(settings, encoder=tiny_encoder)
+    pooled.run([tmp_path / "tiles"])
+    a = np.concatenate([v for _, v in inline.store.iter_embeddings(tiny_encoder.fingerprint)])
+    b = np.concatenate([v for _, v in pooled.store.iter_embeddings(tiny_encoder.fingerprint)])
+    assert a.shape == (6, 32)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_kill_9_then_resume_loses_nothing_and_duplicates_nothing(tiny_checkpoint, tokenizer_path, tmp_path):
+    n = 240
+    make_tiles(tmp_path / "tiles", n, size=32)
+    data = tmp_path / "data"
+    env = {**os.environ, "HISTOSEARCH_DATA_DIR": str(data), "HISTOSEARCH_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "search.cli",
+        "index",
+        str(tmp_path / "tiles"),
+        "--model-config",
+        "conch_tiny",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--tokenizer",
+        str(tokenizer_path),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--quiet",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    db = data / "histosearch.db"
+    deadline = time.monotonic() + 120
+    count = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                with sqlite3.connect(db, timeout=1) as conn:
+                    count = conn.execute("select count(*) from tiles").fetchone()[0]
+            except sqlite3.OperationalError:
+                count = 0
+            if count >= 10:
+                break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"indexer ended before it could be killed: {proc.stderr.read().decode()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with sqlite3.connect(db) as conn:
+        partial = conn.execute("select count(*) from tiles").fetchone()[0]
+    assert 0 < partial < n
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("select locator from tiles").fetchall()
+        vectors = conn.execute("select count(*) from embeddings").fetchone()[0]
+        statuses = [r[0] for r in conn.execute("select status from jobs order by id")]
+    assert len(rows) == n and len({r[0] for r in rows}) == n and vectors == n
+    assert statuses == ["interrupted", "done"]
