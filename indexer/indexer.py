@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
@@ -218,7 +219,10 @@ class Indexer:
             nonlocal done
             if not batch:
                 return
-            vectors = encoder.encode_uint8(np.stack([d.pixels for _, d in batch]))
+            pixels = self._batch_pixels(batch, source_id, job_id, report)
+            if pixels is None:
+                return
+            vectors = encoder.encode_uint8(pixels)
             new, replaced, reembed = [], [], []
             for i, (w, d) in enumerate(batch):
                 if w.state is None:
@@ -250,7 +254,9 @@ class Indexer:
             self.store.update_job(job_id, done=done, errors=report.errors)
             batch.clear()
 
-        with DecodePool(self.settings.workers, encoder.preprocess, self.settings.max_image_pixels) as pool:
+        with DecodePool(
+            self.settings.workers, encoder.preprocess, self.settings.max_image_pixels, self.settings.gpu_decode
+        ) as pool:
             for result in pool.decode(reader, [w.entry.locator for w in work]):
                 w = by_locator[result.locator]
                 if isinstance(result, Failed):
@@ -274,6 +280,29 @@ class Indexer:
                     flush()
             flush()
         bar.close()
+
+    def _batch_pixels(
+        self, batch: list[tuple[_Work, Decoded]], source_id: int, job_id: int, report: SourceReport
+    ) -> torch.Tensor | None:
+        """The batch's uint8 tiles ``[n, S, S, 3]``. JPEGs passed through undecoded are decoded on the encoder's
+        device; those that fail are recorded and dropped from ``batch``."""
+        jpegs = [i for i, (_, d) in enumerate(batch) if d.jpeg is not None]
+        if not jpegs:
+            return torch.from_numpy(np.stack([d.pixels for _, d in batch]))
+        decoded = dict(zip(jpegs, self.encoder.decode_jpegs([batch[i][1].jpeg for i in jpegs]), strict=True))
+        device = self.encoder.device
+        pixels, kept = [], []
+        for i, (w, d) in enumerate(batch):
+            tile = decoded[i] if i in decoded else torch.from_numpy(d.pixels).to(device)
+            if tile is None:
+                reason = f"{w.entry.locator}: corrupt or truncated JPEG"
+                self.store.record_error(w.entry.path, reason, job_id=job_id, source_id=source_id)
+                report.errors += 1
+                continue
+            pixels.append(tile)
+            kept.append((w, d))
+        batch[:] = kept
+        return torch.stack(pixels) if pixels else None
 
     # --- texts -------------------------------------------------------------------------------------
 

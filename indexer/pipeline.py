@@ -8,6 +8,7 @@ the archive, and the workers decode ahead while the encoder runs.
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -15,6 +16,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from search.errors import BadInput
 from search.preprocess import Preprocess
@@ -31,7 +33,8 @@ class Decoded:
     content_hash: str
     width: int
     height: int
-    pixels: np.ndarray  # [S, S, 3] uint8
+    pixels: np.ndarray | None  # [S, S, 3] uint8, or None when `jpeg` is left for the encoder to decode
+    jpeg: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,17 @@ class Failed:
     reason: str
 
 
-def decode_tile(reader: Reader, locator: str, preprocess: Preprocess, max_pixels: int) -> Decoded | Failed:
+def decode_tile(
+    reader: Reader, locator: str, preprocess: Preprocess, max_pixels: int, jpeg_passthrough: bool = False
+) -> Decoded | Failed:
+    """Read, hash, decode and resize/crop one tile. With ``jpeg_passthrough``, an RGB JPEG already at the
+    model's input size needs no resize: it is only checked from its header and sent as it is."""
     try:
         data = reader.read(locator)
+        if jpeg_passthrough and isinstance(data, bytes) and data[:2] == b"\xff\xd8":
+            size = _jpeg_size(data)
+            if size == (preprocess.image_size, preprocess.image_size):
+                return Decoded(locator, content_hash(data), size[0], size[1], None, jpeg=data)
         image = decode_image(data, locator, max_pixels)
         return Decoded(locator, content_hash(data), image.width, image.height, preprocess.resize_crop(image))
     except BadInput as exc:
@@ -51,17 +62,29 @@ def decode_tile(reader: Reader, locator: str, preprocess: Preprocess, max_pixels
         return Failed(locator, f"{locator}: unreadable ({type(exc).__name__}: {exc})")
 
 
-def _decode_chunk(reader: Reader, locators: list[str], preprocess: Preprocess, max_pixels: int) -> list:
-    return [decode_tile(reader, loc, preprocess, max_pixels) for loc in locators]
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height of a baseline/progressive RGB JPEG from its header, or None."""
+    try:
+        with Image.open(io.BytesIO(data), formats=("JPEG",)) as image:
+            return image.size if image.mode == "RGB" else None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        return None
+
+
+def _decode_chunk(
+    reader: Reader, locators: list[str], preprocess: Preprocess, max_pixels: int, jpeg_passthrough: bool
+) -> list:
+    return [decode_tile(reader, loc, preprocess, max_pixels, jpeg_passthrough) for loc in locators]
 
 
 class DecodePool:
     """Ordered, bounded parallel decoding; ``workers=0`` decodes in the calling process."""
 
-    def __init__(self, workers: int, preprocess: Preprocess, max_pixels: int) -> None:
+    def __init__(self, workers: int, preprocess: Preprocess, max_pixels: int, jpeg_passthrough: bool = False) -> None:
         self.workers = workers
         self.preprocess = preprocess
         self.max_pixels = max_pixels
+        self.jpeg_passthrough = jpeg_passthrough
         # spawn: the parent holds torch (and maybe CUDA) state that a forked child must not inherit.
         self._executor = (
             ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 0 else None
@@ -71,12 +94,16 @@ class DecodePool:
         chunks = _chunked(locators, CHUNK)
         if self._executor is None:
             for chunk in chunks:
-                yield from _decode_chunk(reader, chunk, self.preprocess, self.max_pixels)
+                yield from _decode_chunk(reader, chunk, self.preprocess, self.max_pixels, self.jpeg_passthrough)
             return
         in_flight: deque[Future] = deque()
         limit = 3 * self.workers + 1
         for chunk in chunks:
-            in_flight.append(self._executor.submit(_decode_chunk, reader, chunk, self.preprocess, self.max_pixels))
+            in_flight.append(
+                self._executor.submit(
+                    _decode_chunk, reader, chunk, self.preprocess, self.max_pixels, self.jpeg_passthrough
+                )
+            )
             if len(in_flight) >= limit:
                 yield from in_flight.popleft().result()
         while in_flight:

@@ -115,8 +115,29 @@ class Encoder:
             out = self.model.encode_image(pixels, normalize=normalize, project=project)
         return out.float().cpu().numpy()
 
-    def encode_uint8(self, pixels: np.ndarray, *, normalize: bool = True, project: bool = True) -> np.ndarray:
-        """Embeddings of resized and cropped uint8 ``[n, S, S, 3]`` tiles; normalisation runs on the device."""
+    def decode_jpegs(self, data: Sequence[bytes]) -> list[torch.Tensor | None]:
+        """Decode JPEG files on this encoder's device (nvJPEG on a GPU) to ``[H, W, 3]`` uint8 tensors there;
+        None for a file that does not decode."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+        try:
+            images: list[torch.Tensor | None] = decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            # One bad file fails the batch: decode one by one to find it.
+            images = []
+            for one in raw:
+                try:
+                    images.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    images.append(None)
+        return [None if im is None else im.permute(1, 2, 0) for im in images]
+
+    def encode_uint8(
+        self, pixels: np.ndarray | torch.Tensor, *, normalize: bool = True, project: bool = True
+    ) -> np.ndarray:
+        """Embeddings of resized and cropped uint8 ``[n, S, S, 3]`` tiles (host array or tensor on any device);
+        normalisation runs on the encoder's device."""
         return self.encode_pixels(self.preprocess.normalize(pixels, self.device), normalize=normalize, project=project)
 
     def encode_images(

@@ -69,7 +69,7 @@ class Preprocess:
     def normalize(self, pixels: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """uint8 ``[n, S, S, 3]`` -> normalised float ``[n, 3, S, S]`` on ``device``."""
         batch = torch.as_tensor(pixels)
-        if torch.device(device).type == "cuda":
+        if torch.device(device).type == "cuda" and batch.device.type == "cpu":
             batch = batch.pin_memory()
         batch = batch.to(device, non_blocking=True)
         batch = batch.permute(0, 3, 1, 2).float().div_(255)

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(32, ge=1, le=4096)
     # torch.compile the image tower (GPU only; the first batch pays the compile time).
     compile: bool = False
+    # Send JPEG tiles already at the model's input size undecoded to the encoder, which decodes them in batches
+    # on its device (nvJPEG through torchvision on a GPU). Meant for GPUs; on a CPU it decodes in the main process.
+    gpu_decode: bool = False
 
     # Where weights come from.
     hf_repo: str = "MahmoodLab/CONCH"

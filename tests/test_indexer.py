@@ -256,3 +256,24 @@ def test_kill_9_then_resume_loses_nothing_and_duplicates_nothing(tiny_checkpoint
         statuses = [r[0] for r in conn.execute("select status from jobs order by id")]
     assert len(rows) == n and len({r[0] for r in rows}) == n and vectors == n
     assert statuses == ["interrupted", "done"]
+
+
+def test_jpeg_passthrough_decodes_on_the_encoder_device_with_the_same_vectors(tiny_settings, tiny_encoder, tmp_path):
+    """gpu_decode: model-size JPEGs go undecoded to the encoder (nvJPEG on a GPU, torchvision here)."""
+    root = tmp_path / "tiles"
+    root.mkdir()
+    for i in range(5):
+        (root / f"t{i}.jpg").write_bytes(image_bytes(make_image(64, i), "jpg"))
+    (root / "big.jpg").write_bytes(image_bytes(make_image(96, 9), "jpg"))  # needs a resize: decoded in workers
+    good = image_bytes(make_image(64, 5), "jpg")
+    (root / "broken.jpg").write_bytes(good[:200] + b"\x00" * 50)  # a header that parses, a body that does not
+    plain = Indexer(tiny_settings, encoder=tiny_encoder)
+    plain.run([root])
+    settings = load_settings(**{**tiny_settings.model_dump(), "gpu_decode": True, "data_dir": tmp_path / "d2"})
+    passthrough = Indexer(settings, encoder=tiny_encoder)
+    report = passthrough.run([root])
+    assert report.sources[0].new == 6 and report.sources[0].errors == 1
+    assert "broken.jpg" in {e["path"] for e in passthrough.store.recent_errors()}
+    a = np.concatenate([v for _, v in plain.store.iter_embeddings(tiny_encoder.fingerprint)])
+    b = np.concatenate([v for _, v in passthrough.store.iter_embeddings(tiny_encoder.fingerprint)])
+    np.testing.assert_allclose(a, b, atol=1e-6)
