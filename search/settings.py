@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     tissue_min_fraction: float = Field(0.25, ge=0, le=1)
     path_pattern: str = r"(?:(?P<case_id>[^/]+)/)?(?P<slide_id>[^/]+)/[^/]+$"
 
+    # Text queries in several phrasings, averaged (CONCH's zero-shot recipe): ~5x the text-tower cost per query.
+    prompt_ensemble: bool = False
+
     # Web UI.
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

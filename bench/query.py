@@ -1,0 +1,223 @@
+"""Query latency over HTTP: a real uvicorn server, an httpx client, the full CONCH model.
+
+    python -m bench.query [--vectors 100000] [--n 50]
+
+The index holds ``--vectors`` random 512-d vectors (bare store rows, an exact FAISS index as ``auto``
+picks below 200k); the model is ``conch_ViT-B-16`` with random weights (speed does not depend on their
+values) and the CONCH tokenizer when ../shared/conch_reference has it. Every text and image query is
+distinct, so the figures are for queries the server has not seen; a repeated text (served from the
+query cache) is measured apart. Goals on a 2-core CPU: text p50 <= 100 ms (tighter: 60 ms), image
+p50 <= 2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+import uvicorn
+from PIL import Image
+
+from bench._machine import describe_machine
+from bench.encoder import REFERENCE, random_model
+from search.encoder import Encoder
+from search.engine import Engine
+from search.settings import load_settings
+from search.store import Store
+from search.tokenizer import ConchTokenizer
+from search.vectors import IndexDirectory, VectorIndex
+from webui.app import create_app
+
+FINGERPRINT = "conch_ViT-B-16-bench-random"
+GOALS_MS = {"text": (100.0, 60.0), "image": (2000.0, None)}
+TERMS = [
+    "cribriform glands", "comedonecrosis", "signet ring cells", "tumour-infiltrating lymphocytes",
+    "mitotic figures", "nuclear pleomorphism", "desmoplastic stroma", "perineural invasion",
+    "keratin pearls", "psammoma bodies", "goblet cells", "apoptotic bodies", "foamy macrophages",
+    "lymphovascular invasion", "micropapillary pattern", "clear cell change",
+]  # fmt: skip
+ROWS_PER_INSERT = 20_000
+
+
+class StandInTokenizer:
+    """Realistic token counts (text length) with ids hashed from the text, when the CONCH file is absent."""
+
+    def __init__(self, context_length: int, pad_id: int = 0) -> None:
+        self.context_length = context_length
+        self.pad_id = pad_id
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        out = torch.full((len(texts), self.context_length), self.pad_id, dtype=torch.long)
+        for row, text in enumerate(texts):
+            words = text.split()
+            n = min(self.context_length - 1, 2 + int(1.3 * len(words)))
+            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+            ids = np.random.default_rng(seed).integers(3, 32000, n)
+            ids[0], ids[-1] = 1, 2
+            out[row, :n] = torch.from_numpy(ids)
+        return out
+
+
+def make_encoder() -> tuple[Encoder, str]:
+    model = random_model()
+    context = model.cfg.text_cfg.context_length
+    tok_file = REFERENCE / "tokenizer" / "conch_byte_level_bpe_uncased.json"
+    if tok_file.is_file():
+        tokenizer, which = ConchTokenizer(tok_file, context, model.cfg.text_cfg.pad_id), "CONCH tokenizer"
+    else:
+        tokenizer, which = StandInTokenizer(context, model.cfg.text_cfg.pad_id), "stand-in tokenizer (no CONCH file)"
+    return Encoder(model, tokenizer, fingerprint=FINGERPRINT, device="cpu"), which
+
+
+def build_store(settings, n: int, dim: int) -> float:
+    """n bare tile rows with random unit vectors, an exact index over them, published live; returns seconds."""
+    start = time.perf_counter()
+    rng = np.random.default_rng(0)
+    store = Store(settings.db_url)
+    source_id = store.get_or_create_source("folder", str(settings.data_dir / "tiles"))
+    cases = [store.upsert_case(f"case{c:03d}") for c in range(20)]
+    slides = [
+        store.upsert_slide(f"slide{s:04d}", source_id, cases[s % 20], f"case{s % 20:03d}/slide{s:04d}")
+        for s in range(200)
+    ]
+    ids = []
+    vectors = rng.standard_normal((n, dim), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    for begin in range(0, n, ROWS_PER_INSERT):
+        rows = [
+            {
+                "source_id": source_id,
+                "locator": f"tile_{i:07d}.jpg",
+                "path": f"tile_{i:07d}.jpg",
+                "slide_id": slides[i % len(slides)],
+                "content_hash": f"{i:064x}",
+                "fingerprint": f"{i}",
+                "meta": {"organ": ("breast", "colon", "lung", "prostate")[i % 4]},
+            }
+            for i in range(begin, min(n, begin + ROWS_PER_INSERT))
+        ]
+        ids += store.add_tiles(rows, vectors[begin : begin + len(rows)], FINGERPRINT)
+    index = VectorIndex.build(np.asarray(ids), vectors, "auto", device="cpu")
+    directory = IndexDirectory(settings.data_dir / "index")
+    build_id = store.add_build(FINGERPRINT, index.index_type, index.ntotal, "", index.device)
+    index.save(directory.build_path(build_id))
+    directory.publish(build_id)
+    store.set_build_status(build_id, "live")
+    store.close()
+    return time.perf_counter() - start
+
+
+def he_like_jpeg(seed: int, size: int = 448) -> bytes:
+    """A pink/purple textured JPEG: a distinct upload per seed, so no query is served from a cache."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 80, (size, size, 3)) + np.array([170, 90, 160])
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def start_server(app) -> tuple[uvicorn.Server, threading.Thread, str]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def timed_ms(call: Callable[[int], object], n: int) -> np.ndarray:
+    out = []
+    for i in range(n):
+        start = time.perf_counter()
+        call(i)
+        out.append((time.perf_counter() - start) * 1000)
+    return np.asarray(out)
+
+
+def ok(response: httpx.Response) -> httpx.Response:
+    if response.status_code != 200:
+        raise RuntimeError(f"{response.request.url}: {response.status_code} {response.text[:300]}")
+    return response
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vectors", type=int, default=100_000, help="index size")
+    parser.add_argument("--n", type=int, default=50, help="queries of each kind")
+    parser.add_argument("--k", type=int, default=24, help="results per query")
+    args = parser.parse_args()
+
+    encoder, tokenizer = make_encoder()
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = load_settings(data_dir=Path(tmp), model="conch_ViT-B-16", device="cpu")
+        setup_s = build_store(settings, args.vectors, encoder.dim)
+        engine = Engine(settings, encoder=encoder)
+        server, thread, base = start_server(create_app(settings, engine))
+        texts = [f"{TERMS[i % len(TERMS)]} with {TERMS[(i * 7 + 3) % len(TERMS)]}, case {i}" for i in range(args.n + 1)]
+        images = [he_like_jpeg(i) for i in range(args.n + 1)]
+        try:
+            with httpx.Client(base_url=base, timeout=120) as client:
+
+                def text(i: int) -> httpx.Response:
+                    return ok(client.get("/api/search", params={"q": texts[i], "k": args.k}))
+
+                def cached(i: int) -> httpx.Response:
+                    return ok(client.get("/api/search", params={"q": texts[0], "k": args.k}))
+
+                def image(i: int) -> httpx.Response:
+                    files = {"image": ("query.jpg", images[i], "image/jpeg")}
+                    return ok(client.post("/api/search/image", files=files, data={"k": str(args.k)}))
+
+                # Warm-up: the first query loads the FAISS index and runs each tower once.
+                text(args.n), image(args.n)
+                text_ms = timed_ms(text, args.n)
+                cached_ms = timed_ms(cached, args.n)
+                image_ms = timed_ms(image, args.n)
+            index = engine.live_index.get()
+            queries = np.random.default_rng(1).standard_normal((args.n, encoder.dim)).astype(np.float32)
+            faiss_ms = timed_ms(lambda i: index.search(queries[i], args.k), args.n)
+        finally:
+            server.should_exit = True
+            thread.join(10)
+            engine.close()
+
+    print(describe_machine())
+    print(
+        f"model conch_ViT-B-16 (random weights, {tokenizer}), torch threads {torch.get_num_threads()}; "
+        f"index {args.vectors} x {encoder.dim} {index.index_type} (store + index built in {setup_s:.0f} s); "
+        f"k={args.k}, n={args.n} per row, over HTTP on 127.0.0.1"
+    )
+    print(f"{'query':34s} {'p50 ms':>9s} {'p95 ms':>9s}  vs goal")
+    rows = [
+        ("text (distinct, prompt-ensembled)", text_ms, "text"),
+        ("text (repeated: query cache)", cached_ms, None),
+        ("image (448 px JPEG upload)", image_ms, "image"),
+        ("FAISS search alone (in process)", faiss_ms, None),
+    ]
+    for name, ms, goal in rows:
+        p50, p95 = np.percentile(ms, 50), np.percentile(ms, 95)
+        note = ""
+        if goal:
+            target, tight = GOALS_MS[goal]
+            note = f"p50 / {target:.0f} ms goal = {p50 / target:.2f}"
+            if tight:
+                note += f"; / {tight:.0f} ms tighter goal = {p50 / tight:.2f}"
+        print(f"{name:34s} {p50:9.1f} {p95:9.1f}  {note}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""The web UI and JSON API in process (FastAPI TestClient) over a real small index."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from search.engine import Engine, Filters
+from tests.index_fixture import HOSTILE, build_index
+from webui import app as webapp
+from webui.app import create_app
+
+
+@pytest.fixture
+def indexed(tiny_settings, tiny_encoder, tmp_path):
+    return build_index(tiny_settings, tiny_encoder, tmp_path / "tiles")
+
+
+def _client(indexed, encoder, **overrides) -> tuple[TestClient, Engine]:
+    settings = indexed.settings.model_copy(update=overrides)
+    engine = Engine(settings, store=indexed.store, encoder=encoder)
+    return TestClient(create_app(settings, engine)), engine
+
+
+@pytest.fixture
+def client(indexed, tiny_encoder):
+    client, _ = _client(indexed, tiny_encoder)
+    return client
+
+
+@pytest.fixture
+def engine(client) -> Engine:
+    return client.app.state.engine
+
+
+def _tile_ids(html: str) -> list[int]:
+    return [int(i) for i in re.findall(r'data-tile-id="(\d+)"', html)]
+
+
+def _png(size: tuple[int, int] = (64, 64), colour: str = "purple") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_search_page_and_its_json_twin(client, engine):
+    page = client.get("/", params={"q": "cribriform glands", "k": 12})
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    api = client.get("/api/search", params={"q": "cribriform glands", "k": 12})
+    assert api.json() == engine.search_text("cribriform glands", k=12)
+    assert _tile_ids(page.text) == [r["tile_id"] for r in api.json()["results"]]
+    for r in api.json()["results"]:
+        assert f'href="/similar/{r["tile_id"]}"' in page.text
+        assert f'href="/tiles/{r["tile_id"]}"' in page.text
+    # Text search is a plain GET form: it works with JavaScript off.
+    assert re.search(r'<form[^>]*method="get" action="/"', page.text) and 'name="q"' in page.text
+
+
+def test_front_page_offers_examples_and_filters(client):
+    page = client.get("/").text
+    assert page.count('href="/?q=') >= 4
+    assert 'name="case"' in page and 'name="slide"' in page and 'name="meta.organ"' in page
+    assert 'enctype="multipart/form-data"' in page and 'type="file"' in page
+    assert '<script src="/static/upload.js"' in page
+
+
+def test_similar_page_and_twin(client, engine, indexed):
+    tile_id = indexed.ids["C1/C1-S1/tile_0_1.png"]
+    page = client.get(f"/similar/{tile_id}")
+    api = client.get(f"/api/similar/{tile_id}")
+    assert api.json() == engine.similar(tile_id)
+    assert _tile_ids(page.text) == [r["tile_id"] for r in api.json()["results"]]
+    assert tile_id not in _tile_ids(page.text)
+
+
+def test_cases_page_and_twin(client, engine, indexed):
+    page = client.get("/cases", params={"q": "gland"})
+    api = client.get("/api/cases", params={"q": "gland"})
+    assert api.json() == engine.cases(text="gland")
+    assert re.findall(r'data-case="([^"]+)"', page.text) == [c["case"] for c in api.json()["results"]]
+    tile_id = indexed.ids["C2/C2-S1/t2.png"]
+    assert client.get("/api/cases", params={"tile": tile_id}).json() == engine.cases(tile_id=tile_id)
+    assert client.get("/cases", params={"tile": tile_id}).status_code == 200
+    assert client.get("/api/cases").status_code == 400
+
+
+def test_tile_page_and_twins(client, engine, indexed):
+    tile_id = indexed.ids["C1/C1-S1/tile_1_1.png"]
+    page = client.get(f"/tiles/{tile_id}")
+    assert page.status_code == 200
+    assert client.get(f"/api/tiles/{tile_id}").json() == engine.tile(tile_id)
+    describe = client.get(f"/api/tiles/{tile_id}/describe", params={"k": 4}).json()
+    assert describe == engine.describe(tile_id=tile_id, k=4)
+    assert f'src="/images/tiles/{tile_id}.jpg"' in page.text
+    assert page.text.count("/images/thumbs/") == 9  # the 3 x 3 neighbourhood
+    for text in engine.describe(tile_id=tile_id, k=3)["results"]:
+        assert text["text"] in page.text.replace("&lt;", "<").replace("&gt;", ">").replace("&#39;", "'")
+    terms = client.get(f"/api/tiles/{tile_id}/describe", params={"corpus": "terms"}).json()
+    assert {r["corpus"] for r in terms["results"]} == {"terms"}
+
+
+def test_status_page_and_twin(client, engine):
+    page = client.get("/status")
+    assert page.status_code == 200
+    assert client.get("/api/status").json() == engine.status()
+    assert "flat" in page.text and "conch_tiny" in page.text
+
+
+def test_openapi_lists_the_api(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in (
+        "/api/search",
+        "/api/search/image",
+        "/api/similar/{tile_id}",
+        "/api/cases",
+        "/api/cases/image",
+        "/api/tiles/{tile_id}",
+        "/api/tiles/{tile_id}/describe",
+        "/api/status",
+    ):
+        assert path in paths
+
+
+def test_image_upload_finds_the_tile(client, engine, indexed):
+    path = "C2/C2-S2/t4.png"
+    data = (indexed.folder / path).read_bytes()
+    api = client.post("/api/search/image", files={"image": ("query.png", data, "image/png")}, data={"k": "5"})
+    assert api.status_code == 200
+    assert api.json()["results"][0]["tile_id"] == indexed.ids[path]
+    filtered = client.post(
+        "/api/search/image", files={"image": ("q.png", data, "image/png")}, data={"case": "C1", "meta.organ": "breast"}
+    )
+    assert {r["case"] for r in filtered.json()["results"]} == {"C1"}
+    # The page form posts, then redirects to a GET page that can be reloaded and paged.
+    posted = client.post("/search/image", files={"image": ("q.png", data, "image/png")}, follow_redirects=False)
+    assert posted.status_code == 303
+    page = client.get(posted.headers["location"])
+    assert _tile_ids(page.text)[0] == indexed.ids[path]
+    ref = api.json()["query"]["image"]
+    assert client.get("/api/search", params={"image": ref, "k": 5}).json() == api.json()
+    cases = client.post("/cases/image", files={"image": ("q.png", data, "image/png")}, follow_redirects=False)
+    assert cases.status_code == 303 and "/cases?image=" in cases.headers["location"]
+    assert client.get(cases.headers["location"]).status_code == 200
+    assert client.post("/api/cases/image", files={"image": ("q.png", data, "image/png")}).json()["results"]
+
+
+def test_filters_are_get_parameters(client, engine):
+    api = client.get("/api/search", params={"q": "gland", "k": 50, "case": "C2", "meta.organ": "colon", "slide": ""})
+    assert api.json() == engine.search_text("gland", k=50, filters=Filters(case="C2", meta={"organ": "colon"}))
+    assert {r["case"] for r in api.json()["results"]} == {"C2"}
+    page = client.get("/", params={"q": "gland", "case": "C2"}).text
+    assert '<option value="C2" selected>' in page
+
+
+def test_paging_links(client, engine):
+    first = client.get("/", params={"q": "gland", "k": 12}).text
+    assert 'rel="next"' in first and 'rel="prev"' not in first
+    second_url = re.search(r'href="([^"]+)" rel="next"', first).group(1).replace("&amp;", "&")
+    assert "offset=12" in second_url
+    second = client.get(second_url).text
+    assert 'rel="prev"' in second
+    assert _tile_ids(second) == [r["tile_id"] for r in engine.search_text("gland", k=12, offset=12)["results"]]
+    last = client.get("/", params={"q": "gland", "k": 12, "offset": 24}).text
+    assert 'rel="next"' not in last and len(_tile_ids(last)) == 6
+
+
+def test_images_by_id_with_cache_headers(client, indexed):
+    tile_id = indexed.ids["C1/C1-S2/t3.png"]
+    thumb = client.get(f"/images/thumbs/{tile_id}.jpg")
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert "immutable" in thumb.headers["cache-control"] and "max-age=31536000" in thumb.headers["cache-control"]
+    assert Image.open(io.BytesIO(thumb.content)).format == "JPEG"
+    etag = thumb.headers["etag"]
+    again = client.get(f"/images/thumbs/{tile_id}.jpg", headers={"If-None-Match": etag})
+    assert again.status_code == 304 and again.content == b""
+    full = client.get(f"/images/tiles/{tile_id}.jpg")
+    assert full.headers["content-type"] == "image/png"
+    assert full.content == (indexed.folder / "C1/C1-S2/t3.png").read_bytes()
+    assert full.headers["etag"] != etag
+    assert client.get("/images/tiles/999999.jpg").status_code == 404
+    assert client.get("/images/tiles/..%2F..%2Fetc%2Fpasswd.jpg").status_code in (404, 422)
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "code", "words"),
+    [
+        (b"\x89PNG" + b"0" * 5000, 413, "too_large", "max_upload_bytes"),  # over the file limit, within the body's
+        (b"0" * 200_000, 413, "too_large", "max_upload_bytes"),  # refused before the route reads it
+        (b"hello, not an image", 422, "bad_input", "not a JPEG, PNG, TIFF or WebP"),
+        (_png((100, 100)), 422, "bad_input", "too many pixels"),
+    ],
+)
+def test_upload_limits(indexed, tiny_encoder, payload, status, code, words):
+    client, _ = _client(indexed, tiny_encoder, max_upload_bytes=4000, max_image_pixels=64 * 64)
+    response = client.post("/api/search/image", files={"image": ("upload.png", payload, "image/png")})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["code"] == code and words in error["message"]
+    page = client.post("/search/image", files={"image": ("upload.png", payload, "image/png")})
+    assert page.status_code == status and page.headers["content-type"].startswith("text/html")
+
+
+def test_upload_without_a_file_names_the_field(client):
+    response = client.post("/api/search/image", data={"k": "3"})
+    assert response.status_code == 422 and "image" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("params", "status"),
+    [
+        ({"q": "x" * 501}, 400),
+        ({"q": "gland", "k": 501}, 400),
+        ({"q": "gland", "k": 0}, 422),
+        ({"q": "gland", "offset": -1}, 422),
+        ({"q": "gland", "k": "many"}, 422),
+    ],
+)
+def test_query_length_and_k_are_bounded(client, params, status):
+    assert client.get("/api/search", params=params).status_code == status
+    assert client.get("/", params=params).status_code == status
+
+
+def test_empty_query_is_a_bad_api_request_but_the_blank_search_page(client):
+    assert client.get("/api/search", params={"q": " "}).json()["error"]["code"] == "bad_query"
+    page = client.get("/", params={"q": " "})
+    assert page.status_code == 200 and _tile_ids(page.text) == []
+
+
+def test_auth_token_off_needs_nothing(client):
+    assert client.get("/api/status").status_code == 200
+    assert client.get("/").status_code == 200
+
+
+def test_auth_token_on(indexed, tiny_encoder):
+    client, _ = _client(indexed, tiny_encoder, auth_token="s3cret-token")
+    tile_id = indexed.ids["C1/C1-S2/t0.png"]
+    denied = client.get("/api/status")
+    assert denied.status_code == 401 and denied.json()["error"]["code"] == "unauthorized"
+    assert denied.headers["www-authenticate"] == "Bearer"
+    assert client.get("/api/status", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/api/status", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
+    assert client.get(f"/images/thumbs/{tile_id}.jpg").status_code == 401
+    upload = client.post("/api/search/image", files={"image": ("q.png", _png(), "image/png")})
+    assert upload.status_code == 401
+    redirect = client.get("/?q=gland", follow_redirects=False)
+    assert redirect.status_code == 303 and redirect.headers["location"] == "/login?next=%2F%3Fq%3Dgland"
+    assert client.get("/login").status_code == 200
+    assert client.get("/static/style.css").status_code == 200
+    wrong = client.post("/login", data={"token": "nope", "next": "/"}, follow_redirects=False)
+    assert wrong.status_code == 401 and "histosearch_session" not in wrong.cookies
+    right = client.post("/login", data={"token": "s3cret-token", "next": "/status"}, follow_redirects=False)
+    assert right.status_code == 303 and right.headers["location"] == "/status"
+    assert "s3cret-token" not in right.headers["set-cookie"]
+    assert client.get("/").status_code == 200  # the cookie now opens pages
+    assert client.get(f"/images/thumbs/{tile_id}.jpg").status_code == 200
+    offsite = client.post("/login", data={"token": "s3cret-token", "next": "//evil.example/"}, follow_redirects=False)
+    assert offsite.headers["location"] == "/"
+    client.post("/logout")
+    assert client.get("/", follow_redirects=False).status_code == 303
+
+
+def test_metadata_captions_and_queries_are_escaped(client, indexed):
+    hostile_id = indexed.ids["C2/C2-S2/t6.png"]
+    pages = [
+        client.get(f"/tiles/{hostile_id}").text,
+        client.get("/", params={"q": "gland", "k": 50}).text,
+        client.get("/", params={"q": HOSTILE}).text,
+        client.get("/cases", params={"q": HOSTILE}).text,
+    ]
+    for html in pages:
+        assert "<script>alert" not in html
+        assert "&lt;script&gt;alert(" in html
+    tile_page = pages[0]
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; glandular epithelium" in tile_page  # the caption
+    error_page = client.get("/similar/999999", params={"case": HOSTILE}).text
+    assert "<script>alert" not in error_page
+
+
+def test_pages_load_nothing_from_elsewhere(client, indexed):
+    tile_id = indexed.ids["C1/C1-S1/tile_1_1.png"]
+    for url in ("/", "/?q=gland", f"/tiles/{tile_id}", "/cases?q=gland", "/status", "/login"):
+        html = client.get(url).text
+        assert not re.search(r'(src|href|action)="(https?:)?//', html), url
+    for asset in ("/static/style.css", "/static/upload.js"):
+        assert not re.search(r"https?:|@import|url\(", client.get(asset).text), asset
+    assert "default-src 'self'" in client.get("/").headers["content-security-policy"]
+
+
+def _snapshot(indexed) -> dict:
+    data_dir = indexed.settings.data_dir
+    files = {}
+    for path in sorted(data_dir.rglob("*")):
+        # SQLite readers update their read marks in the -shm index; it holds no data.
+        if path.is_file() and not path.name.endswith("-shm"):
+            files[str(path.relative_to(data_dir))] = (
+                path.stat().st_mtime_ns,
+                hashlib.sha256(path.read_bytes()).hexdigest(),
+            )
+    return {"files": files, "counts": indexed.store.counts()}
+
+
+def test_get_requests_never_write(client, indexed):
+    before = _snapshot(indexed)
+    tile_id = indexed.ids["C1/C1-S1/tile_1_1.png"]
+    image_ref = client.post("/api/search/image", files={"image": ("q.png", _png(), "image/png")}).json()["query"]
+    before_gets = _snapshot(indexed)
+    assert before_gets == before  # an image query writes nothing either
+    for url in (
+        "/",
+        "/?q=gland&k=48",
+        f"/?image={image_ref['image']}",
+        f"/similar/{tile_id}",
+        "/cases?q=gland",
+        f"/cases?tile={tile_id}",
+        f"/tiles/{tile_id}",
+        "/status",
+        "/api/search?q=necrosis",
+        f"/api/similar/{tile_id}",
+        "/api/cases?q=gland",
+        f"/api/tiles/{tile_id}",
+        f"/api/tiles/{tile_id}/describe",
+        "/api/status",
+        f"/images/tiles/{tile_id}.jpg",
+        f"/images/thumbs/{tile_id}.jpg",
+        "/login",
+        "/nowhere",
+    ):
+        client.get(url)
+    assert _snapshot(indexed) == before
+
+
+def test_serve_binds_loopback_by_default(indexed, monkeypatch, capsys):
+    import uvicorn
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(kwargs))
+    webapp.serve(indexed.settings)
+    assert calls[0]["host"] == "127.0.0.1" and calls[0]["port"] == indexed.settings.port
+    assert "warning" not in capsys.readouterr().err
+    webapp.serve(indexed.settings.model_copy(update={"host": "0.0.0.0"}))
+    assert "without an access token" in capsys.readouterr().err
+    webapp.serve(indexed.settings.model_copy(update={"host": "0.0.0.0", "auth_token": "t"}))
+    assert "warning" not in capsys.readouterr().err

@@ -1,0 +1,85 @@
+"""Find similar cases: the nearest tiles grouped by case and slide; page and JSON twin."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+
+from search.errors import BadQuery
+
+from ..deps import EngineDep, FiltersDep, FormFiltersDep, UploadedImage, filter_params, render, url_with
+
+router = APIRouter()
+
+DEFAULT_CASES = 20
+CasesK = Annotated[int, Query(ge=1, description="cases to return")]
+TopTiles = Annotated[int, Query(ge=1, description="nearest tiles grouped into cases")]
+PerCase = Annotated[int, Query(ge=1, description="best tiles per case averaged into its score")]
+
+
+@router.get("/cases", response_class=HTMLResponse, include_in_schema=False)
+def cases_page(
+    request: Request,
+    engine: EngineDep,
+    filters: FiltersDep,
+    q: str = "",
+    image: str = "",
+    tile: int | None = None,
+    k: CasesK = DEFAULT_CASES,
+    top_tiles: TopTiles = 200,
+    per_case: PerCase = 3,
+) -> HTMLResponse:
+    context: dict = {"page": "cases", "q": q, "k": k, "filters": filters, "facets": engine.facets(), "result": None}
+    options = {"top_tiles": top_tiles, "per_case": per_case, "k": k, "filters": filters}
+    if q.strip():
+        context.update(mode="text", result=engine.cases(text=q, **options))
+    elif image:
+        context.update(mode="image", result=engine.cases(image=image, **options))
+    elif tile is not None:
+        context.update(mode="similar", result=engine.cases(tile_id=tile, **options))
+        context["query_tile"] = {
+            "tile_id": tile,
+            "url": f"/tiles/{tile}",
+            "thumbnail_url": f"/images/thumbs/{tile}.jpg",
+        }
+    return render(request, "cases.html", context)
+
+
+@router.post("/cases/image", include_in_schema=False)
+def cases_image_form(
+    engine: EngineDep, image: UploadedImage, filters: FormFiltersDep, k: Annotated[int, Form(ge=1)] = DEFAULT_CASES
+) -> RedirectResponse:
+    ref = engine.image_ref(image)
+    return RedirectResponse(url_with("/cases", image=ref, k=k, **filter_params(filters)), status_code=303)
+
+
+@router.get("/api/cases", tags=["cases"])
+def api_cases(
+    engine: EngineDep,
+    filters: FiltersDep,
+    q: Annotated[str | None, Query(description="a morphology description")] = None,
+    image: Annotated[str | None, Query(description="the image reference an image query returned")] = None,
+    tile: Annotated[int | None, Query(description="an indexed tile id")] = None,
+    k: CasesK = DEFAULT_CASES,
+    top_tiles: TopTiles = 200,
+    per_case: PerCase = 3,
+) -> dict:
+    """Cases ranked by the mean score of their best tiles among the nearest ``top_tiles`` (one of q, image, tile)."""
+    if sum(x is not None for x in (q, image, tile)) != 1:
+        raise BadQuery("give exactly one of q=<text>, image=<reference> or tile=<tile id>")
+    return engine.cases(text=q, image=image, tile_id=tile, top_tiles=top_tiles, per_case=per_case, k=k, filters=filters)
+
+
+@router.post("/api/cases/image", tags=["cases"])
+def api_cases_image(
+    engine: EngineDep,
+    image: UploadedImage,
+    filters: FormFiltersDep,
+    k: Annotated[int, Form(ge=1)] = DEFAULT_CASES,
+    top_tiles: Annotated[int, Form(ge=1)] = 200,
+    per_case: Annotated[int, Form(ge=1)] = 3,
+) -> dict:
+    """Cases like an uploaded patch (multipart field ``image``)."""
+    return engine.cases(image=image, top_tiles=top_tiles, per_case=per_case, k=k, filters=filters)

@@ -1,0 +1,126 @@
+"""Tile search: by text, by uploaded image, and "more like this tile"; pages and their JSON twins."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+
+from search.errors import BadQuery
+
+from ..deps import (
+    DEFAULT_K,
+    EXAMPLE_QUERIES,
+    EngineDep,
+    FiltersDep,
+    FormFiltersDep,
+    UploadedImage,
+    filter_params,
+    page_urls,
+    render,
+    url_with,
+)
+
+router = APIRouter()
+
+K = Annotated[int, Query(ge=1, description="results per page (at most the setting max_k)")]
+Offset = Annotated[int, Query(ge=0, description="rank of the first result, from 0")]
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+def search_page(
+    request: Request,
+    engine: EngineDep,
+    filters: FiltersDep,
+    q: str = "",
+    image: str = "",
+    k: K = DEFAULT_K,
+    offset: Offset = 0,
+) -> HTMLResponse:
+    context: dict = {"page": "search", "q": q, "k": k, "filters": filters, "examples": EXAMPLE_QUERIES}
+    context["facets"] = engine.facets()
+    result = None
+    if q.strip():
+        result = engine.search_text(q, k, offset, filters)
+        context.update(mode="text", cases_url=url_with("/cases", q=q, **filter_params(filters)))
+    elif image:
+        result = engine.search_image(image, k, offset, filters)
+        context.update(mode="image", cases_url=url_with("/cases", image=image, **filter_params(filters)))
+    if result is not None:
+        context["prev_url"], context["next_url"] = page_urls(request, result)
+    context["result"] = result
+    return render(request, "search.html", context)
+
+
+@router.post("/search/image", include_in_schema=False)
+def search_image_form(
+    engine: EngineDep, image: UploadedImage, filters: FormFiltersDep, k: Annotated[int, Form(ge=1)] = DEFAULT_K
+) -> RedirectResponse:
+    # Post/redirect/get: the results page is a plain GET that can be reloaded and paged.
+    ref = engine.image_ref(image)
+    return RedirectResponse(url_with("/", image=ref, k=k, **filter_params(filters)), status_code=303)
+
+
+@router.get("/similar/{tile_id}", response_class=HTMLResponse, include_in_schema=False)
+def similar_page(
+    request: Request, engine: EngineDep, filters: FiltersDep, tile_id: int, k: K = DEFAULT_K, offset: Offset = 0
+) -> HTMLResponse:
+    result = engine.similar(tile_id, k, offset, filters)
+    prev_url, next_url = page_urls(request, result)
+    context = {
+        "page": "search",
+        "q": "",
+        "k": k,
+        "filters": filters,
+        "examples": EXAMPLE_QUERIES,
+        "facets": engine.facets(),
+        "mode": "similar",
+        "query_tile": {
+            "tile_id": tile_id,
+            "url": f"/tiles/{tile_id}",
+            "thumbnail_url": f"/images/thumbs/{tile_id}.jpg",
+        },
+        "cases_url": url_with("/cases", tile=tile_id, **filter_params(filters)),
+        "result": result,
+        "prev_url": prev_url,
+        "next_url": next_url,
+    }
+    return render(request, "search.html", context)
+
+
+@router.get("/api/search", tags=["search"])
+def api_search(
+    engine: EngineDep,
+    filters: FiltersDep,
+    q: Annotated[str | None, Query(description="a morphology description")] = None,
+    image: Annotated[str | None, Query(description="the image reference an image query returned")] = None,
+    k: K = DEFAULT_K,
+    offset: Offset = 0,
+) -> dict:
+    """Tiles ranked by similarity to a text (``q``) or to an image uploaded before (``image``).
+
+    Filters: ``source``, ``slide``, ``case`` and ``meta.<key>=<value>`` query parameters."""
+    if q is not None:
+        return engine.search_text(q, k, offset, filters)
+    if image:
+        return engine.search_image(image, k, offset, filters)
+    raise BadQuery("give q=<morphology description> or image=<reference from POST /api/search/image>")
+
+
+@router.post("/api/search/image", tags=["search"])
+def api_search_image(
+    engine: EngineDep,
+    image: UploadedImage,
+    filters: FormFiltersDep,
+    k: Annotated[int, Form(ge=1)] = DEFAULT_K,
+    offset: Annotated[int, Form(ge=0)] = 0,
+) -> dict:
+    """Tiles ranked by similarity to an uploaded image (multipart field ``image``)."""
+    return engine.search_image(image, k, offset, filters)
+
+
+@router.get("/api/similar/{tile_id}", tags=["search"])
+def api_similar(engine: EngineDep, filters: FiltersDep, tile_id: int, k: K = DEFAULT_K, offset: Offset = 0) -> dict:
+    """Tiles like an indexed tile, from its stored embedding; the tile itself is left out."""
+    return engine.similar(tile_id, k, offset, filters)
