@@ -134,6 +134,9 @@ def _indexer(settings: Settings, args: argparse.Namespace):
 
 
 def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        raise BadInput(f"no such file or folder: {', '.join(missing)}")
     if args.manifest is not None and not args.manifest.is_file():
         raise BadInput(f"{args.manifest}: no such manifest file")
     report = _indexer(settings, args).run(args.paths, manifest=args.manifest, kind="index", wait=args.wait)
