@@ -25,7 +25,7 @@ from indexer.readers import Reader, open_reader
 
 from .config import get_model_cfg
 from .encoder import DEFAULT_TEMPLATES, Encoder, resolve_device
-from .errors import BadInput, BadQuery, ConfigError, IndexUnavailable, NotFound
+from .errors import BadInput, BadQuery, ConfigError, HistosearchError, IndexUnavailable, NotFound
 from .settings import Settings
 from .store import Store
 from .vectors import IndexDirectory, LiveIndex
@@ -390,6 +390,17 @@ class Engine:
         with self._cache_lock:
             self._facets = (key, time.monotonic(), values)
         return values
+
+    def warm_up(self) -> list[str]:
+        """Load the model and the live index now rather than on the first query; returns what could not be
+        loaded (each message says what to do), so a server can start without weights or an index."""
+        problems = []
+        for load in (self.encoder, self.live_index.get):
+            try:
+                load()
+            except HistosearchError as exc:
+                problems.append(exc.message)
+        return problems
 
     def close(self) -> None:
         """Close the archive readers, and the store when this engine opened it."""

@@ -295,3 +295,19 @@ def test_facets_list_filter_values(engine):
     assert facets["cases"] == ["C1", "C2"]
     assert facets["slides"] == ["C1-S1", "C1-S2", "C2-S1", "C2-S2"]
     assert facets["meta"]["organ"] == ["breast", "colon"]
+
+
+def test_warm_up_loads_the_model_and_index_or_says_what_is_missing(indexed, tiny_settings):
+    engine = Engine(indexed.settings)
+    try:
+        assert engine.warm_up() == []
+        assert engine._encoder is not None
+    finally:
+        engine.close()
+    bare = Engine(tiny_settings.model_copy(update={"checkpoint": None, "data_dir": tiny_settings.data_dir / "x"}))
+    try:
+        problems = bare.warm_up()
+    finally:
+        bare.close()
+    assert any("histosearch model fetch" in p for p in problems)
+    assert any("histosearch index" in p for p in problems)

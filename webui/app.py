@@ -11,6 +11,7 @@ import hmac
 import ipaddress
 import logging
 import sys
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
@@ -248,4 +249,12 @@ def serve(settings: Settings) -> None:
             "this port can search the archive; set HISTOSEARCH_AUTH_TOKEN",
             file=sys.stderr,
         )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, server_header=False)
+    app = create_app(settings)
+
+    def warm_up() -> None:
+        for problem in app.state.engine.warm_up():
+            log.warning("%s", problem)
+
+    # The model takes seconds to load: do it while the server starts, not in the first user's query.
+    threading.Thread(target=warm_up, name="histosearch-warm-up", daemon=True).start()
+    uvicorn.run(app, host=settings.host, port=settings.port, server_header=False)
