@@ -74,7 +74,8 @@ def timed(fn, repeats: int, sync=lambda: None) -> float:
 
 
 def image_flops(model: Conch, size: int) -> float:
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+    # Not under inference_mode: the counter's module tracker hooks into autograd.
+    with FlopCounterMode(display=False) as counter:
         model.visual(torch.zeros(1, 3, size, size))
     return float(counter.get_total_flops())
 
