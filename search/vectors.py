@@ -9,12 +9,13 @@ Index types:
 - ``flat``: exact inner product. The ``auto`` choice up to ``exact_max`` vectors.
 - ``ivf``: IVF-Flat (inverted lists of raw vectors). The ``auto`` choice past ``exact_max``: in
   ``bench/ann.py`` at 1M vectors it keeps recall@10 >= 0.95 while searching >= 10x faster than ``flat``.
-- ``ivfpq``: IVF with product-quantised codes of ``dim // 4`` bytes (16x smaller than raw vectors); the
-  choice for archives whose raw vectors do not fit in memory, at a recall cost (about 0.88 at 512-d).
+- ``ivfpq``: IVF with product-quantised codes of ``dim // 4`` bytes (16x smaller than raw vectors); for
+  archives whose raw vectors do not fit in memory, at a recall cost (0.88 at 100k, 0.81 at 1M, 512-d).
 - ``hnsw``: HNSW graph (M=32) over raw vectors; CPU only (FAISS has no GPU HNSW).
 
-A GPU FAISS build (``faiss-gpu``) trains and searches ``flat``/``ivf``/``ivfpq`` on the GPU; the CPU form
-stays in memory for ``reconstruct``, exact re-scoring and ``save``. The CPU build gives the same answers.
+A GPU FAISS build (``faiss-gpu``) trains and searches ``flat``/``ivf``/``ivfpq`` on the GPU (``ivfpq`` only
+with at most 96 code bytes, which GPU IVFPQ supports: not at 512-d); the CPU form stays in memory for
+``reconstruct``, exact re-scoring and ``save``. The CPU build gives the same answers.
 """
 
 from __future__ import annotations
@@ -27,22 +28,31 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
+
+try:
+    import faiss
+except ImportError:  # neither FAISS build: they are extras so that the two never land together
+    raise ImportError(
+        "FAISS is not installed: pip install 'histosearch[cpu]' (or 'histosearch[gpu]' on a CUDA machine, never both)"
+    ) from None
 
 from .errors import BadInput, BadQuery, ConfigError, IndexUnavailable, NotFound
 
 log = logging.getLogger(__name__)
 
 INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")
-# Measured with `python -m bench.ann`: see docs and the benchmark's table.
+# `python -m bench.ann` at 1M synthetic 512-d vectors on 2 CPU cores: ivf (default nprobe 25) had the best
+# recall@10, 0.994, at 15x exact's batch and 96x its single-query speed; hnsw was faster (24x / 196x) at
+# recall 0.980 but is CPU-only, and its graph walk suffers more from filters and from text queries that
+# lie outside the image distribution; ivfpq reached 0.81.
 APPROXIMATE_DEFAULT = "ivf"
 
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
-# k-means gets this many training points per inverted list (FAISS warns below 39); fewer than the
-# 256 FAISS would take keeps a 1M-vector build within minutes on a laptop at no measurable recall cost.
+# k-means gets this many training points per inverted list (FAISS warns below 39, caps at 256):
+# a 1M-vector IVF build then takes about 2 minutes on 2 CPU cores.
 TRAIN_POINTS_PER_LIST = 64
 TRAIN_SEED = 1234
 # A filter admitting at most this many tiles is answered by scoring those vectors exactly.
@@ -74,9 +84,9 @@ def ivf_nlist(n: int) -> int:
 
 
 def default_nprobe(nlist: int) -> int:
-    """Lists probed per query: grows like sqrt(nlist) (16 at 1,000 lists, 32 at 4,000: the
-    benchmark's 1M size), so the scanned share of the index shrinks as it grows."""
-    return min(nlist, max(16, round(math.sqrt(nlist) / 2)))
+    """Lists probed per query: grows like sqrt(nlist) (16 up to 1,600 lists, 25 at 4,000: the
+    benchmark's 1M size, recall@10 0.993), so the scanned share of the index shrinks as it grows."""
+    return min(nlist, max(16, round(0.4 * math.sqrt(nlist))))
 
 
 def pq_subquantizers(dim: int) -> int:
@@ -107,7 +117,8 @@ def _resolve_device(device: str) -> int | None:
     """The GPU number to use, or None for the CPU."""
     if device == "cpu":
         return None
-    if device != "auto" and device != "cuda" and not device.startswith("cuda:"):
+    number = device.partition(":")[2]
+    if device not in ("auto", "cuda") and not (device.startswith("cuda:") and number.isdigit()):
         raise ConfigError(f"device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if not gpu_available():
         if device != "auto":
@@ -115,7 +126,7 @@ def _resolve_device(device: str) -> int | None:
             # while FAISS is the CPU build: the index then runs on the CPU, with the same answers.
             log.warning("device=%s: this FAISS build has no GPU support, the index runs on the CPU", device)
         return None
-    gpu = int(device.partition(":")[2] or 0)
+    gpu = int(number or 0)
     if gpu >= faiss.get_num_gpus():
         raise ConfigError(f"device {device!r}: FAISS sees {faiss.get_num_gpus()} GPU(s)")
     return gpu
@@ -155,7 +166,7 @@ def _kind_of(index: faiss.Index) -> str | None:
     if not isinstance(index, faiss.IndexIDMap2) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
         return None
     inner = _inner(index)
-    # IVFPQ before IVFFlat: both are IndexIVF; IndexFlatIP is an IndexFlat.
+    # An IndexFlatIP, or the plain IndexFlat a GPU index copies back to, is an IndexFlat.
     for cls, kind in (
         (faiss.IndexFlat, "flat"),
         (faiss.IndexIVFPQ, "ivfpq"),
@@ -264,6 +275,8 @@ class VectorIndex:
             raise BadInput(
                 f"an {kind!r} index needs at least {minimum} vectors to train, got {n}: use index type 'flat' or 'auto'"
             )
+        if nprobe is not None and nprobe < 1:
+            raise ConfigError(f"nprobe must be >= 1, got {nprobe}")
         gpu = _resolve_device(device)
         index = _new_index(kind, dim, n, nprobe)
         if kind in ("ivf", "ivfpq"):
@@ -299,9 +312,7 @@ class VectorIndex:
             if clustering is not None:
                 ivf.clustering_index = None
 
-    def search(
-        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The k best (scores float32 [q,k], tile ids int64 [q,k]) per query, best first, padded with
         -inf / -1. With ``allowed``, only those tile ids, and always min(k, |allowed in index|) of them."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
@@ -352,15 +363,18 @@ class VectorIndex:
             params.sel = selector
         return params
 
+    def _on_gpu(self, k: int) -> bool:
+        return self._gpu is not None and max(k, self.nprobe or 0) <= _GPU_MAX_K
+
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._gpu is not None and k <= _GPU_MAX_K:
+        if self._on_gpu(k):
             with self._gpu_lock:
                 return self._gpu.search(queries, k, params=self._params(k, None))
         return self._cpu.search(queries, k, params=self._params(k, None))
 
     def _filtered(self, queries: np.ndarray, k: int, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Approximate search restricted to ``candidates`` (may return fewer than k per row)."""
-        if self._gpu is None or k > _GPU_MAX_K:
+        if not self._on_gpu(k):
             selector = faiss.IDSelectorBatch(candidates)
             return self._cpu.search(queries, k, params=self._params(k, selector))
         # GPU indexes take no selector: over-fetch in proportion to how much the filter removes.
