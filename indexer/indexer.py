@@ -304,6 +304,22 @@ class Indexer:
         batch[:] = kept
         return torch.stack(pixels) if pixels else None
 
+    def remove(self, paths: list[Path], *, wait: bool = False) -> dict[str, int]:
+        """Forget sources (an archive moved away for good): their tiles leave the store and a new index is
+        published. Returns the number of tiles removed per source; BadInput for a path that is not a source."""
+        lock = self.lock(wait)
+        try:
+            known = {s["uri"] for s in self.store.sources()}
+            uris = [str(Path(p).resolve()) for p in paths]
+            unknown = [u for u in uris if u not in known]
+            if unknown:
+                raise BadInput(f"not an indexed source: {', '.join(unknown)}; `histosearch status` lists the sources")
+            removed = {uri: self.store.delete_source(uri) or 0 for uri in uris}
+            self.build_index(force=True)
+            return removed
+        finally:
+            lock.release()
+
     # --- texts -------------------------------------------------------------------------------------
 
     def _sync_texts(self, fingerprint: str) -> int:

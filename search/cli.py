@@ -150,6 +150,12 @@ def cmd_reindex(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_remove(args: argparse.Namespace, settings: Settings) -> int:
+    for uri, tiles in _indexer(settings, args).remove(args.paths, wait=args.wait).items():
+        print(f"{uri}: removed with its {tiles} tiles")
+    return 0
+
+
 def cmd_index_texts(args: argparse.Namespace, settings: Settings) -> int:
     added = _indexer(settings, args).index_texts(args.files, args.corpus, wait=args.wait)
     print(f"added {added} texts")
@@ -286,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     reindex.add_argument("paths", type=Path, nargs="*", help="only these sources")
     _index_options(reindex)
     reindex.set_defaults(func=cmd_reindex)
+
+    remove = sub.add_parser("remove", help="forget sources (archives gone for good) and their tiles")
+    remove.add_argument("paths", type=Path, nargs="+", help="sources as indexed (see `histosearch status`)")
+    _index_options(remove)
+    remove.set_defaults(func=cmd_remove)
 
     texts = sub.add_parser("index-texts", help="add captions or terms (txt, csv, jsonl) for image -> text")
     texts.add_argument("files", type=Path, nargs="+")

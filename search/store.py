@@ -461,6 +461,18 @@ class Store:
         with self.session(write=True) as s:
             s.execute(update(Source).where(Source.id == source_id).values(last_scanned_at=_now()))
 
+    def delete_source(self, uri: str) -> int | None:
+        """Forget a source: its tiles, vectors, slides and errors go with it (cascade). Returns how many
+        tiles it had, or None when no source has this uri."""
+        with self.session(write=True) as s:
+            source = s.scalars(select(Source).where(Source.uri == uri)).one_or_none()
+            if source is None:
+                return None
+            tiles = s.scalar(select(func.count()).select_from(Tile).where(Tile.source_id == source.id))
+            s.execute(delete(MetaItem).where(MetaItem.key == f"manifest:{source.id}"))
+            s.delete(source)
+            return int(tiles or 0)
+
     def sources(self) -> list[dict]:
         tiles = select(Tile.source_id, func.count().label("n")).group_by(Tile.source_id).subquery()
         stmt = (

@@ -64,6 +64,11 @@ def test_index_status_query_and_reindex(cli, tmp_path, capsys):
     status = json.loads(capsys.readouterr().out)
     assert status["counts"]["tiles"] == 5 and status["index"]["size"] == 5
 
+    assert cli("remove", str(tmp_path / "tiles")) == 0
+    assert "removed with its 5 tiles" in capsys.readouterr().out
+    assert cli("remove", str(tmp_path / "tiles")) == 2
+    assert "not an indexed source" in capsys.readouterr().err
+
 
 def test_query_errors_are_clear(cli, tmp_path, capsys):
     assert cli("query", "necrosis") == 2

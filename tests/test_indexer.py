@@ -15,7 +15,7 @@ import torch
 
 from indexer.indexer import Indexer
 from search.encoder import Encoder
-from search.errors import IndexBusy
+from search.errors import BadInput, IndexBusy
 from search.settings import load_settings
 from search.store import Store
 from search.vectors import IndexDirectory, VectorIndex
@@ -177,6 +177,18 @@ def test_missing_archive_keeps_its_tiles(indexer, tmp_path):
     assert report.sources[0].errors == 1 and report.sources[0].removed == 0
     assert len(indexer.store.tile_ids_matching()) == 4
     assert "no such file" in indexer.store.recent_errors(1)[0]["reason"]
+
+
+def test_remove_forgets_a_source_and_republishes(indexer, tmp_path):
+    make_tiles(tmp_path / "a", 3)
+    make_tiles(tmp_path / "b", 2, seed=3)
+    indexer.run([tmp_path / "a", tmp_path / "b"])
+    assert indexer.remove([tmp_path / "a"]) == {str((tmp_path / "a").resolve()): 3}
+    assert [s["uri"] for s in indexer.store.sources()] == [str((tmp_path / "b").resolve())]
+    assert len(indexer.store.tile_ids_matching()) == 2 and indexer.store.counts()["embedded"] == 2
+    assert _live_index(indexer.settings).ntotal == 2
+    with pytest.raises(BadInput, match="not an indexed source"):
+        indexer.remove([tmp_path / "nowhere"])
 
 
 def test_second_indexer_stops_with_a_clear_message(indexer, tiny_settings, tiny_encoder, tmp_path):
