@@ -45,3 +45,19 @@ def test_readme_has_two_setup_commands_and_the_main_job():
     assert "bash scripts/install.sh" in ci and "python3 -m pytest" in ci
     for command in ("histosearch model fetch", "histosearch index", "histosearch serve", "histosearch reindex"):
         assert command in readme
+
+
+def test_every_route_is_in_the_api_doc(tmp_path):
+    from search.settings import load_settings
+    from webui.app import create_app
+
+    api_doc = (ROOT / "docs" / "api.md").read_text()
+    app = create_app(load_settings(data_dir=tmp_path))
+    paths = set(app.openapi()["paths"])
+    for route in app.router.routes:
+        # Routers included with include_router keep their routes (pages are left out of the schema) there.
+        for sub in getattr(getattr(route, "original_router", None), "routes", [route]):
+            paths.add(sub.path)
+    assert {"/", "/cases", "/tiles/{tile_id}", "/api/search"} <= paths
+    for path in paths - {"/openapi.json", "/static"}:
+        assert f"`{path}" in api_doc or f" {path}`" in api_doc or f" {path}?" in api_doc, f"{path} missing"
