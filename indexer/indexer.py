@@ -30,6 +30,8 @@ from .pipeline import Decoded, DecodePool, Failed
 from .readers import Reader, Skipped, TileEntry, open_reader
 from .texts import BUILTIN_CORPUS, TextItem, builtin_vocabulary, load_corpus
 
+DIRTY_KEY = "index_dirty"
+
 
 @dataclass
 class SourceReport:
@@ -82,6 +84,7 @@ class Indexer:
         self._encoder = encoder
         self.progress = progress
         self.directory = IndexDirectory(settings.data_dir / "index")
+        self._dirty = False
 
     @property
     def encoder(self) -> Encoder:
@@ -164,6 +167,8 @@ class Indexer:
             self._embed(reader, work, source_id, manifest, job_id, report)
             if complete:
                 removed = [state.id for locator, state in existing.items() if locator not in seen]
+                if removed:
+                    self._mark_dirty()
                 self.store.delete_tiles(removed)
                 report.removed = len(removed)
                 self.store.mark_scanned(source_id)
@@ -223,6 +228,7 @@ class Indexer:
             if pixels is None:
                 return
             vectors = encoder.encode_uint8(pixels)
+            self._mark_dirty()
             new, replaced, reembed = [], [], []
             for i, (w, d) in enumerate(batch):
                 if w.state is None:
@@ -356,6 +362,13 @@ class Indexer:
 
     # --- FAISS -------------------------------------------------------------------------------------
 
+    def _mark_dirty(self) -> None:
+        """Remember, across crashes, that the store changed since the last published index: a run killed
+        between its commits and the publish leaves the next run a rebuild to do even if it finds no work."""
+        if not self._dirty:
+            self.store.set_meta(DIRTY_KEY, "1")
+            self._dirty = True
+
     def build_index(self, force: bool = False) -> dict | None:
         """Build a FAISS index from the stored embeddings beside the live one and publish it atomically."""
         fingerprint = self.encoder.fingerprint
@@ -364,6 +377,7 @@ class Indexer:
         requested = choose_index_type(count, self.settings.index_type, self.settings.exact_max)
         if (
             not force
+            and self.store.get_meta(DIRTY_KEY) != "1"
             and live
             and live["model_fingerprint"] == fingerprint
             and live["count"] == count
@@ -373,6 +387,8 @@ class Indexer:
             return live
         ids, vectors = _concat(self.store.iter_embeddings(fingerprint))
         if len(ids) == 0:
+            self.store.set_meta(DIRTY_KEY, "0")
+            self._dirty = False
             return None
         index = VectorIndex.build(
             ids, vectors, self.settings.index_type, exact_max=self.settings.exact_max, device=self.settings.device
@@ -382,6 +398,8 @@ class Indexer:
         index.save(path)
         self.directory.publish(build_id)
         self.store.set_build_status(build_id, "live")
+        self.store.set_meta(DIRTY_KEY, "0")
+        self._dirty = False
         return self.store.live_build()
 
 

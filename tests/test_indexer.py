@@ -130,6 +130,26 @@ def test_reindex_adds_removes_and_changes(indexer, tiny_encoder, tmp_path):
     assert again.sources[0].unchanged == 9 and again.build["id"] == report.build["id"]
 
 
+def test_a_run_killed_before_publishing_is_published_by_the_next(indexer, tiny_settings, tiny_encoder, tmp_path):
+    root = tmp_path / "tiles"
+    paths = make_tiles(root, 4)
+    indexer.run([root])
+    paths[0].write_bytes(image_bytes(make_image(64, 321), "jpg"))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stands for kill -9 after the tiles were committed
+
+    crashed = Indexer(tiny_settings, encoder=tiny_encoder)
+    crashed.build_index = killed
+    with pytest.raises(KeyboardInterrupt):
+        crashed.run(kind="reindex")
+    new_id = _tiles(indexer.store)["case0/slide0/tile_000.jpg"]["id"]
+    assert new_id not in set(_live_index(tiny_settings).ids.tolist())
+    report = Indexer(tiny_settings, encoder=tiny_encoder).run(kind="reindex")
+    assert report.sources[0].changed == 0  # nothing left to embed, yet the index is rebuilt
+    assert set(_live_index(tiny_settings).ids.tolist()) == set(indexer.store.tile_ids_matching().tolist())
+
+
 def test_other_checkpoint_means_full_reembed(indexer, tiny_settings, tiny_state_dict, tokenizer_path, tmp_path):
     make_tiles(tmp_path / "tiles", 5)
     indexer.run([tmp_path / "tiles"])
