@@ -387,6 +387,9 @@ class Indexer:
             return live
         ids, vectors = _concat(self.store.iter_embeddings(fingerprint))
         if len(ids) == 0:
+            if live:
+                self.directory.unpublish()
+                self.store.set_build_status(live["id"], "retired")
             self.store.set_meta(DIRTY_KEY, "0")
             self._dirty = False
             return None

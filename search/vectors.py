@@ -494,6 +494,12 @@ class IndexDirectory:
             if old < build_id and old != previous:
                 shutil.rmtree(self.build_path(old).parent, ignore_errors=True)
 
+    def unpublish(self) -> None:
+        """No live index any more (every tile was removed): servers answer IndexUnavailable from the next query."""
+        self.pointer.unlink(missing_ok=True)
+        if self.root.is_dir():
+            _fsync_dir(self.root)
+
     def live_build_id(self) -> int | None:
         """The live build id, or None when nothing was published."""
         try:

@@ -209,6 +209,10 @@ def test_remove_forgets_a_source_and_republishes(indexer, tmp_path):
     assert _live_index(indexer.settings).ntotal == 2
     with pytest.raises(BadInput, match="not an indexed source"):
         indexer.remove([tmp_path / "nowhere"])
+    # The last source gone: no index is live any more, rather than one naming deleted tiles.
+    indexer.remove([tmp_path / "b"])
+    assert indexer.store.live_build() is None
+    assert IndexDirectory(indexer.settings.data_dir / "index").live_build_id() is None
 
 
 def test_second_indexer_stops_with_a_clear_message(indexer, tiny_settings, tiny_encoder, tmp_path):

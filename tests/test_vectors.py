@@ -369,3 +369,17 @@ def test_live_index_under_concurrent_publishes(tmp_path) -> None:
     assert not errors, errors
     assert seen <= {10 * b for b in range(1, 8)}
     assert live.get().ntotal == 70
+
+
+def test_unpublish_makes_a_live_index_unavailable(tmp_path) -> None:
+    directory = IndexDirectory(tmp_path / "index")
+    ids = np.arange(3, dtype=np.int64)
+    vectors = np.eye(3, 8, dtype=np.float32)
+    VectorIndex.build(ids, vectors, "flat").save(directory.build_path(1))
+    directory.publish(1)
+    live = LiveIndex(directory, device="cpu")
+    assert live.get().ntotal == 3
+    directory.unpublish()
+    assert directory.live_build_id() is None
+    with pytest.raises(IndexUnavailable, match="histosearch index"):
+        live.get()
