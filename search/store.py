@@ -575,22 +575,7 @@ class Store:
 
     def set_embeddings(self, tile_ids: list[int], vectors: np.ndarray, model_fingerprint: str) -> None:
         """Store (or overwrite) the embeddings of existing tiles, e.g. after a model change."""
-        matrix = _as_matrix(vectors, len(tile_ids))
-        if not tile_ids:
-            return
-        stmt = sqlite_insert(Embedding)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[Embedding.tile_id],
-            set_={"model_fingerprint": stmt.excluded.model_fingerprint, "vector": stmt.excluded.vector},
-        )
-        with self.session(write=True) as s:
-            s.execute(
-                stmt,
-                [
-                    {"tile_id": int(tile_id), "model_fingerprint": model_fingerprint, "vector": v.tobytes()}
-                    for tile_id, v in zip(tile_ids, matrix, strict=True)
-                ],
-            )
+        self._upsert_vectors(Embedding, "tile_id", tile_ids, vectors, model_fingerprint)
 
     def update_fingerprints(self, pairs: list[tuple[int, str]]) -> None:
         """The cheap change detector moved but the content hash did not: keep the tile and its id."""
@@ -812,20 +797,25 @@ class Store:
             return [(i, t) for i, t in s.execute(stmt)]
 
     def set_text_embeddings(self, text_ids: list[int], vectors: np.ndarray, model_fingerprint: str) -> None:
-        matrix = _as_matrix(vectors, len(text_ids))
-        if not text_ids:
+        self._upsert_vectors(TextEmbedding, "text_id", text_ids, vectors, model_fingerprint)
+
+    def _upsert_vectors(
+        self, table: type[Embedding] | type[TextEmbedding], key: str, ids: list[int], vectors: np.ndarray, fp: str
+    ) -> None:
+        matrix = _as_matrix(vectors, len(ids))
+        if not ids:
             return
-        stmt = sqlite_insert(TextEmbedding)
+        stmt = sqlite_insert(table)
         stmt = stmt.on_conflict_do_update(
-            index_elements=[TextEmbedding.text_id],
+            index_elements=[getattr(table, key)],
             set_={"model_fingerprint": stmt.excluded.model_fingerprint, "vector": stmt.excluded.vector},
         )
         with self.session(write=True) as s:
             s.execute(
                 stmt,
                 [
-                    {"text_id": int(text_id), "model_fingerprint": model_fingerprint, "vector": v.tobytes()}
-                    for text_id, v in zip(text_ids, matrix, strict=True)
+                    {key: int(i), "model_fingerprint": fp, "vector": v.tobytes()}
+                    for i, v in zip(ids, matrix, strict=True)
                 ],
             )
 
