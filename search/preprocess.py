@@ -12,12 +12,15 @@ pixels (4x smaller than float) to the encoder, which normalises them, on the GPU
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .config import PretrainedCfg
+
+if TYPE_CHECKING:
+    import torch
 
 ImageInput = Image.Image | np.ndarray | str | Path
 
@@ -43,8 +46,9 @@ class Preprocess:
     def __init__(self, image_size: int, pretrained: PretrainedCfg) -> None:
         self.image_size = image_size
         self.resample = _RESAMPLE[pretrained.interpolation]
-        self.mean = torch.tensor(pretrained.mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(pretrained.std).view(1, 3, 1, 1)
+        # Plain floats: decode workers use only resize_crop and never import torch.
+        self.mean = tuple(pretrained.mean)
+        self.std = tuple(pretrained.std)
 
     def resize_crop(self, image: ImageInput) -> np.ndarray:
         """``[S, S, 3]`` uint8 RGB. Tiles already at the model's size are not resampled."""
@@ -68,12 +72,16 @@ class Preprocess:
 
     def normalize(self, pixels: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """uint8 ``[n, S, S, 3]`` -> normalised float ``[n, 3, S, S]`` on ``device``."""
+        import torch
+
         batch = torch.as_tensor(pixels)
         if torch.device(device).type == "cuda" and batch.device.type == "cpu":
             batch = batch.pin_memory()
         batch = batch.to(device, non_blocking=True)
         batch = batch.permute(0, 3, 1, 2).float().div_(255)
-        return batch.sub_(self.mean.to(batch.device)).div_(self.std.to(batch.device))
+        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
+        return batch.sub_(mean).div_(std)
 
     def __call__(self, image: ImageInput) -> torch.Tensor:
         return self.normalize(self.resize_crop(image)[None])[0]
