@@ -2,7 +2,7 @@
 
     python -m bench.index [--tiles 64] [--ann-sizes 100000 1000000] [--skip-ann]
 
-1. End-to-end tiles/s (read + decode + resize in workers, encode, write to SQLite, build FAISS) over a generated
+1. End-to-end tiles/s (read + decode + resize, encode, write to SQLite, build FAISS) over a generated
    folder of 448 px JPEG tiles with the full CONCH model, as a ratio to the encoder's own images/s on already
    decoded batches measured in the same run (goal >= 0.9: the pipeline adds little).
    On a CUDA GPU also: baseline = PIL decode in the main process + fp32 eager, against the fast path (decode workers
@@ -58,9 +58,16 @@ def encoder_images_per_s(encoder: Encoder, paths: list[Path], batch: int) -> flo
     return len(pixels) / (time.perf_counter() - start)
 
 
-def index_tiles_per_s(encoder: Encoder, folder: Path, n: int, workers: int, data_dir: Path) -> float:
+def index_tiles_per_s(
+    encoder: Encoder, folder: Path, n: int, data_dir: Path, *, workers: int | None = None, gpu_decode: bool = False
+) -> float:
+    """Tiles/s of a whole `index` run; ``workers=None`` is the default (per device) sizing."""
     settings = load_settings(
-        data_dir=data_dir, workers=workers, batch_size=encoder.batch_size, device=str(encoder.device)
+        data_dir=data_dir,
+        workers=workers,
+        batch_size=encoder.batch_size,
+        device=str(encoder.device),
+        gpu_decode=gpu_decode,
     )
     store = Store(settings.db_url)
     store.set_meta("builtin_vocabulary", "0")  # texts are not part of tile throughput
@@ -81,19 +88,21 @@ def end_to_end(n_tiles: int, batch: int) -> list[tuple[str, float, str]]:
         cpu = Encoder(model, None, fingerprint="bench-random", device="cpu", batch_size=batch)
         enc = encoder_images_per_s(cpu, paths, batch)
         rows.append(("cpu encoder images/s (decoded batches)", enc, f"batch {batch}"))
-        e2e = index_tiles_per_s(cpu, tmp / "tiles", n_tiles, os.cpu_count() or 1, tmp / "cpu")
+        e2e = index_tiles_per_s(cpu, tmp / "tiles", n_tiles, tmp / "cpu")
         rows.append(("cpu end-to-end tiles/s", e2e, f"{e2e / enc:.2f}x encoder (goal >= 0.9)"))
         if torch.cuda.is_available():
             gpu_batch = 256
             base = Encoder(model, None, fingerprint="bench-random", device="cuda", batch_size=gpu_batch)
-            baseline = index_tiles_per_s(base, tmp / "tiles", n_tiles, 0, tmp / "gpu-base")
+            baseline = index_tiles_per_s(base, tmp / "tiles", n_tiles, tmp / "gpu-base", workers=0)
             rows.append(("gpu baseline tiles/s (PIL in main, fp32 eager)", baseline, ""))
             fast = Encoder(
                 model, None, fingerprint="bench-random", device="cuda", dtype="bf16", batch_size=gpu_batch, compile=True
             )
-            fast_rate = index_tiles_per_s(fast, tmp / "tiles", n_tiles, os.cpu_count() or 1, tmp / "gpu-fast")
+            fast_rate = index_tiles_per_s(fast, tmp / "tiles", n_tiles, tmp / "gpu-fast", workers=os.cpu_count())
             rows.append(("gpu fast path tiles/s", fast_rate, f"{fast_rate / baseline:.1f}x baseline (goal >= 2000/s)"))
-            nvjpeg = index_tiles_per_s(fast, tmp / "tiles", n_tiles, os.cpu_count() or 1, tmp / "gpu-nvjpeg", True)
+            nvjpeg = index_tiles_per_s(
+                fast, tmp / "tiles", n_tiles, tmp / "gpu-nvjpeg", workers=os.cpu_count(), gpu_decode=True
+            )
             rows.append(("gpu fast path + nvJPEG tiles/s", nvjpeg, f"{nvjpeg / baseline:.1f}x baseline"))
         else:
             rows.append(("gpu end-to-end", float("nan"), "no CUDA GPU on this machine: unmeasured"))

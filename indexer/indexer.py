@@ -10,6 +10,7 @@ stored embeddings beside the live one and published by an atomic pointer swap.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,7 @@ class Indexer:
         self.progress = progress
         self.directory = IndexDirectory(settings.data_dir / "index")
         self._dirty = False
+        self._pool: DecodePool | None = None
 
     @property
     def encoder(self) -> Encoder:
@@ -138,6 +140,7 @@ class Indexer:
             self.store.finish_job(job_id, "done", report.summary())
             return report
         finally:
+            self._close_pool()
             lock.release()
 
     # --- sources ---------------------------------------------------------------------------------
@@ -260,32 +263,42 @@ class Indexer:
             self.store.update_job(job_id, done=done, errors=report.errors)
             batch.clear()
 
-        with DecodePool(
-            self.settings.workers, encoder.preprocess, self.settings.max_image_pixels, self.settings.gpu_decode
-        ) as pool:
-            for result in pool.decode(reader, [w.entry.locator for w in work]):
-                w = by_locator[result.locator]
-                if isinstance(result, Failed):
-                    # A tile already indexed keeps its old vector until it reads well again.
-                    self.store.record_error(w.entry.path, result.reason, job_id=job_id, source_id=source_id)
-                    report.errors += 1
-                    bar.update(1)
-                    continue
-                state = w.state
-                if (
-                    state
-                    and state.content_hash == result.content_hash
-                    and state.model_fingerprint == encoder.fingerprint
-                ):
-                    self.store.update_fingerprints([(state.id, w.entry.fingerprint)])
-                    report.unchanged += 1
-                    bar.update(1)
-                    continue
-                batch.append((w, result))
-                if len(batch) >= self.settings.batch_size:
-                    flush()
-            flush()
+        for result in self._decode_pool().decode(reader, [w.entry.locator for w in work]):
+            w = by_locator[result.locator]
+            if isinstance(result, Failed):
+                # A tile already indexed keeps its old vector until it reads well again.
+                self.store.record_error(w.entry.path, result.reason, job_id=job_id, source_id=source_id)
+                report.errors += 1
+                bar.update(1)
+                continue
+            state = w.state
+            if state and state.content_hash == result.content_hash and state.model_fingerprint == encoder.fingerprint:
+                self.store.update_fingerprints([(state.id, w.entry.fingerprint)])
+                report.unchanged += 1
+                bar.update(1)
+                continue
+            batch.append((w, result))
+            if len(batch) >= self.settings.batch_size:
+                flush()
+        flush()
         bar.close()
+
+    def _decode_pool(self) -> DecodePool:
+        """One pool of decode workers for the whole run (starting workers costs seconds), sized by the
+        ``workers`` setting or, when unset, one per core for a GPU encoder and none for a CPU one."""
+        if self._pool is None:
+            workers = self.settings.workers
+            if workers is None:
+                workers = (os.cpu_count() or 1) if self.encoder.device.type == "cuda" else 0
+            self._pool = DecodePool(
+                workers, self.encoder.preprocess, self.settings.max_image_pixels, self.settings.gpu_decode
+            )
+        return self._pool
+
+    def _close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def _batch_pixels(
         self, batch: list[tuple[_Work, Decoded]], source_id: int, job_id: int, report: SourceReport

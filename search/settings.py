@@ -62,7 +62,9 @@ class Settings(BaseSettings):
     tokenizer_sha256: str = CONCH_TOKENIZER_SHA256
 
     # Indexing.
-    workers: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2)), ge=0, le=256)
+    # Decode worker processes; None: one per core when the model runs on a GPU, none on a CPU, where encoding
+    # takes ~100x longer than decoding and workers would only take cores from it.
+    workers: int | None = Field(None, ge=0, le=256)
     index_type: Literal["auto", "flat", "ivf", "ivfpq", "hnsw"] = "auto"
     exact_max: int = Field(200_000, ge=1)
     max_image_pixels: int = Field(100_000_000, ge=1)
