@@ -100,7 +100,8 @@ def bench_cpu(model: Conch, n_images: int, n_texts: int, batch: int) -> list[tup
     return rows
 
 
-def bench_gpu(model: Conch, batch: int) -> list[tuple[str, float, str]]:
+def bench_gpu(model: Conch, batch: int, flops: float) -> list[tuple[str, float, str]]:
+    """fp32 eager (baseline) vs bf16 autocast vs bf16 + torch.compile; ``flops`` per image for the peak fraction."""
     device = torch.device("cuda")
     model = model.to(device)
     sync = torch.cuda.synchronize
@@ -117,8 +118,6 @@ def bench_gpu(model: Conch, batch: int) -> list[tuple[str, float, str]]:
         fast = timed(bf16, 10, sync)
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-        flops = image_flops(model.cpu(), 448)
-        model.to(device)
         frac = f", {flops * batch / fast / (peak * 1e12):.1%} of bf16 peak" if peak else ""
         rows.append(("gpu bf16 autocast images/s", batch / fast, f"{fp32 / fast:.1f}x baseline{frac}"))
         compiled = torch.compile(model.visual)
@@ -150,13 +149,13 @@ def main() -> None:
     args = parser.parse_args()
     model = random_model()
     print(describe_machine())
+    flops = image_flops(model, 448)
+    print(f"model: conch_ViT-B-16 image tower, {flops / 1e9:.1f} GFLOP per 448 px image")
     rows = bench_cpu(model, args.images, args.texts, args.batch)
     if torch.cuda.is_available():
-        rows += bench_gpu(model, args.gpu_batch)
+        rows += bench_gpu(model, args.gpu_batch, flops)
     else:
         rows.append(("gpu", float("nan"), "no CUDA GPU on this machine: GPU figures unmeasured"))
-    flops = image_flops(model.cpu(), 448)
-    print(f"model: conch_ViT-B-16 image tower, {flops / 1e9:.1f} GFLOP per 448 px image")
     for name, value, note in rows:
         print(f"{name:48s} {value:10.3f}  {note}")
     if args.json:
