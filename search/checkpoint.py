@@ -13,7 +13,6 @@ model's: use it knowingly.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 from pathlib import Path
@@ -114,11 +113,9 @@ def checkpoint_digest(path: str | Path, cache_dir: Path | None = None) -> str:
             known = {}
     if key in known:
         return known[key]
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    known[key] = digest.hexdigest()
+    from .hub import sha256_file
+
+    known[key] = sha256_file(path)
     if cache_file:
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
