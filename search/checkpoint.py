@@ -24,6 +24,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from .errors import CheckpointError
+from .hub import sha256_file
 
 IGNORED_PREFIXES = ("text_decoder.",)
 _LISTED = 12
@@ -113,8 +114,6 @@ def checkpoint_digest(path: str | Path, cache_dir: Path | None = None) -> str:
             known = {}
     if key in known:
         return known[key]
-    from .hub import sha256_file
-
     known[key] = sha256_file(path)
     if cache_file:
         try:

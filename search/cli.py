@@ -9,11 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from .errors import BadInput, HistosearchError
 from .settings import Settings, load_settings
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -35,10 +34,12 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 
 
 def _image_files(paths: list[Path]) -> list[Path]:
+    from indexer.readers.base import IMAGE_EXTENSIONS
+
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+            files.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()))
         elif path.is_file():
             files.append(path)
         else:
@@ -46,9 +47,16 @@ def _image_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
-    from PIL import Image, UnidentifiedImageError
+def _read_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise BadInput(f"{path}: not a readable image ({exc})") from None
 
+
+def cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
     from .encoder import DEFAULT_TEMPLATES, Encoder
 
     images = _image_files(args.image or [])
@@ -65,15 +73,7 @@ def cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
     if out.suffix == ".npy" and images and texts:
         raise BadInput(f"{out}: one .npy holds one matrix; write images and texts to .npz or .json")
     encoder = Encoder.from_settings(settings)
-    loaded = []
-    for path in images:
-        try:
-            with Image.open(path) as im:
-                im.load()
-                loaded.append(im.copy())
-        except (UnidentifiedImageError, OSError) as exc:
-            raise BadInput(f"{path}: not a readable image ({exc})") from None
-    image_emb = encoder.encode_images(loaded, project=not args.unprojected)
+    image_emb = encoder.encode_images([_read_image(p) for p in images], project=not args.unprojected)
     text_emb = encoder.encode_texts(texts, templates=DEFAULT_TEMPLATES if args.ensemble else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
@@ -208,8 +208,6 @@ def _filters(args: argparse.Namespace):
 
 
 def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
-    from PIL import Image, UnidentifiedImageError
-
     from .engine import Engine
 
     engine = Engine(settings)
@@ -217,13 +215,7 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     if (args.text is None) == (args.image is None):
         raise BadInput('give a text ("cribriform glands") or --image FILE, not both')
     if args.image is not None:
-        try:
-            with Image.open(args.image) as im:
-                im.load()
-                image = im.copy()
-        except (UnidentifiedImageError, OSError) as exc:
-            raise BadInput(f"{args.image}: not a readable image ({exc})") from None
-        result = engine.search_image(image, k=args.k, filters=filters)
+        result = engine.search_image(_read_image(args.image), k=args.k, filters=filters)
     else:
         result = engine.search_text(args.text, k=args.k, filters=filters)
     if args.json:
