@@ -32,6 +32,7 @@ from .readers import Reader, Skipped, TileEntry, open_reader
 from .texts import BUILTIN_CORPUS, TextItem, builtin_vocabulary, load_corpus
 
 DIRTY_KEY = "index_dirty"
+MOVED_CHUNK = 4096
 
 
 @dataclass
@@ -220,6 +221,8 @@ class Indexer:
         by_locator = {w.entry.locator: w for w in work}
         identities = _Identities(self.store, source_id, manifest, self.settings.path_pattern)
         batch: list[tuple[_Work, Decoded]] = []
+        # Tiles whose fingerprint moved but whose content did not: written in chunks, not a transaction each.
+        moved: list[tuple[int, str]] = []
         bar = tqdm(total=len(work), unit="tile", desc=Path(reader.root).name, disable=not self.progress)
         done = 0
 
@@ -273,7 +276,10 @@ class Indexer:
                 continue
             state = w.state
             if state and state.content_hash == result.content_hash and state.model_fingerprint == encoder.fingerprint:
-                self.store.update_fingerprints([(state.id, w.entry.fingerprint)])
+                moved.append((state.id, w.entry.fingerprint))
+                if len(moved) >= MOVED_CHUNK:
+                    self.store.update_fingerprints(moved)
+                    moved.clear()
                 report.unchanged += 1
                 bar.update(1)
                 continue
@@ -281,6 +287,7 @@ class Indexer:
             if len(batch) >= self.settings.batch_size:
                 flush()
         flush()
+        self.store.update_fingerprints(moved)
         bar.close()
 
     def _decode_pool(self) -> DecodePool:
