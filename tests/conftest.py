@@ -59,6 +59,13 @@ def tokenizer_path(conch_reference: Path) -> Path:
     return conch_reference / "tokenizer" / "conch_byte_level_bpe_uncased.json"
 
 
+@pytest.fixture(scope="session")
+def tiny_model_args(tiny_checkpoint: Path, tokenizer_path: Path) -> list[str]:
+    """The shared model options of a CLI command, for the tiny config with synthetic weights on the CPU."""
+    return ["--model-config", "conch_tiny", "--checkpoint", str(tiny_checkpoint), "--tokenizer", str(tokenizer_path),
+            "--device", "cpu"]  # fmt: skip
+
+
 @pytest.fixture
 def tiny_settings(tmp_path: Path, tiny_checkpoint: Path, tokenizer_path: Path, monkeypatch):
     """Settings for the tiny CONCH config with synthetic weights, everything under tmp_path."""

@@ -14,24 +14,14 @@ from tests.archives import make_tiles
 
 
 @pytest.fixture
-def cli(tiny_settings, monkeypatch):
+def cli(tiny_settings, tiny_model_args, monkeypatch):
     """Runs `histosearch ...` in process against tiny_settings' data dir and model."""
     monkeypatch.setenv("HISTOSEARCH_DATA_DIR", str(tiny_settings.data_dir))
     monkeypatch.setenv("HISTOSEARCH_CACHE_DIR", str(tiny_settings.cache_dir))
     monkeypatch.setenv("HISTOSEARCH_TILE_SIZE", "64")
-    model = [
-        "--model-config",
-        "conch_tiny",
-        "--checkpoint",
-        str(tiny_settings.checkpoint),
-        "--tokenizer",
-        str(tiny_settings.tokenizer),
-        "--device",
-        "cpu",
-    ]
 
     def run(*args: str) -> int:
-        return main([*args, *model])
+        return main([*args, *tiny_model_args])
 
     return run
 

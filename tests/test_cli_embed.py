@@ -12,25 +12,12 @@ from search.cli import main
 from tests.test_model import assert_embeddings_match
 
 
-def _model_args(tiny_checkpoint, tokenizer_path):
-    return [
-        "--model-config",
-        "conch_tiny",
-        "--checkpoint",
-        str(tiny_checkpoint),
-        "--tokenizer",
-        str(tokenizer_path),
-        "--device",
-        "cpu",
-    ]
-
-
-def test_embed_images_folder_and_texts_to_npz_and_json(tmp_path, tiny_checkpoint, tokenizer_path, conch_reference):
+def test_embed_images_folder_and_texts_to_npz_and_json(tmp_path, tiny_model_args, conch_reference):
     expected = np.load(conch_reference / "expected" / "tiny.npz")
     texts = json.loads((conch_reference / "texts.json").read_text())
     texts_file = tmp_path / "texts.txt"
     texts_file.write_text("\n".join(texts[:4]) + "\n\n")
-    model = _model_args(tiny_checkpoint, tokenizer_path)
+    model = tiny_model_args
     out = tmp_path / "emb.npz"
     assert (
         main(
@@ -61,8 +48,8 @@ def test_embed_images_folder_and_texts_to_npz_and_json(tmp_path, tiny_checkpoint
     assert_embeddings_match(np.array([records[-1]["embedding"]], np.float32), expected["text_embedding"][:1])
 
 
-def test_embed_npy_single_kind_and_errors(tmp_path, tiny_checkpoint, tokenizer_path, conch_reference, capsys):
-    model = _model_args(tiny_checkpoint, tokenizer_path)
+def test_embed_npy_single_kind_and_errors(tmp_path, tiny_model_args, conch_reference, capsys):
+    model = tiny_model_args
     out = tmp_path / "t.npy"
     assert main(["embed", "--text", "necrosis", "-o", str(out), *model]) == 0
     assert np.load(out).shape == (1, 32)

@@ -239,7 +239,7 @@ def test_decode_workers_give_the_same_vectors(tiny_settings, tiny_encoder, tmp_p
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_kill_9_then_resume_loses_nothing_and_duplicates_nothing(tiny_checkpoint, tokenizer_path, tmp_path):
+def test_kill_9_then_resume_loses_nothing_and_duplicates_nothing(tiny_model_args, tmp_path):
     n = 240
     make_tiles(tmp_path / "tiles", n, size=32)
     data = tmp_path / "data"
@@ -250,14 +250,7 @@ def test_kill_9_then_resume_loses_nothing_and_duplicates_nothing(tiny_checkpoint
         "search.cli",
         "index",
         str(tmp_path / "tiles"),
-        "--model-config",
-        "conch_tiny",
-        "--checkpoint",
-        str(tiny_checkpoint),
-        "--tokenizer",
-        str(tokenizer_path),
-        "--device",
-        "cpu",
+        *tiny_model_args,
         "--batch-size",
         "2",
         "--workers",
