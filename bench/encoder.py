@@ -11,8 +11,10 @@ Weights are random (speed does not depend on their values); the tokenizer is the
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,20 +49,33 @@ def random_model() -> Conch:
     return model.eval()
 
 
-def tokens_for(texts: list[str], context: int) -> torch.Tensor:
+class StandInTokenizer:
+    """Realistic token counts (text length) with ids hashed from the text, when the CONCH file is absent."""
+
+    def __init__(self, context_length: int, pad_id: int = 0) -> None:
+        self.context_length = context_length
+        self.pad_id = pad_id
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        out = torch.full((len(texts), self.context_length), self.pad_id, dtype=torch.long)
+        for row, text in enumerate(texts):
+            words = text.split()
+            n = min(self.context_length - 1, 2 + int(1.3 * len(words)))
+            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+            ids = np.random.default_rng(seed).integers(3, 32000, n)
+            ids[0], ids[-1] = 1, 2
+            out[row, :n] = torch.from_numpy(ids)
+        return out
+
+
+def bench_tokenizer(context: int, pad_id: int = 0) -> tuple[Callable[[list[str]], torch.Tensor], str]:
+    """The CONCH tokenizer when ../shared/conch_reference has it, else the stand-in; and which one it is."""
     tok_file = REFERENCE / "tokenizer" / "conch_byte_level_bpe_uncased.json"
     if tok_file.is_file():
         from search.tokenizer import ConchTokenizer
 
-        return ConchTokenizer(tok_file, context)(texts)
-    # No tokenizer here: realistic lengths (8-20 tokens) of random ids.
-    rng = np.random.default_rng(0)
-    out = torch.zeros(len(texts), context, dtype=torch.long)
-    for i in range(len(texts)):
-        n = int(rng.integers(8, 21))
-        out[i, :n] = torch.from_numpy(rng.integers(3, 32000, n))
-        out[i, 0], out[i, n - 1] = 1, 2
-    return out
+        return ConchTokenizer(tok_file, context, pad_id), "CONCH tokenizer"
+    return StandInTokenizer(context, pad_id), "stand-in tokenizer (no CONCH file)"
 
 
 def timed(fn, repeats: int, sync=lambda: None) -> float:
@@ -88,7 +103,7 @@ def bench_cpu(model: Conch, n_images: int, n_texts: int, batch: int) -> list[tup
         sec = timed(lambda: model.encode_image(pixels), repeats)
     rows.append(("cpu fp32 images/s", batch / sec, f"batch {batch}"))
     texts = (SAMPLE_TEXTS * (n_texts // len(SAMPLE_TEXTS) + 1))[:n_texts]
-    tokens = tokens_for(texts, 128)
+    tokens = bench_tokenizer(128)[0](texts)
     with torch.inference_mode():
         padded = timed(lambda: model.encode_text(tokens, trim=False), 1)
         trimmed = timed(lambda: model.encode_text(tokens, trim=True), 3)

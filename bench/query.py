@@ -13,7 +13,6 @@ p50 <= 2 s.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import socket
 import tempfile
@@ -29,12 +28,11 @@ import uvicorn
 from PIL import Image
 
 from bench._machine import describe_machine
-from bench.encoder import REFERENCE, random_model
+from bench.encoder import bench_tokenizer, random_model
 from search.encoder import Encoder
 from search.engine import Engine
 from search.settings import load_settings
 from search.store import Store
-from search.tokenizer import ConchTokenizer
 from search.vectors import IndexDirectory, VectorIndex
 from webui.app import create_app
 
@@ -49,33 +47,10 @@ TERMS = [
 ROWS_PER_INSERT = 20_000
 
 
-class StandInTokenizer:
-    """Realistic token counts (text length) with ids hashed from the text, when the CONCH file is absent."""
-
-    def __init__(self, context_length: int, pad_id: int = 0) -> None:
-        self.context_length = context_length
-        self.pad_id = pad_id
-
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        out = torch.full((len(texts), self.context_length), self.pad_id, dtype=torch.long)
-        for row, text in enumerate(texts):
-            words = text.split()
-            n = min(self.context_length - 1, 2 + int(1.3 * len(words)))
-            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-            ids = np.random.default_rng(seed).integers(3, 32000, n)
-            ids[0], ids[-1] = 1, 2
-            out[row, :n] = torch.from_numpy(ids)
-        return out
-
-
 def make_encoder(device: str = "auto", dtype: str = "fp32") -> tuple[Encoder, str]:
     model = random_model()
     context = model.cfg.text_cfg.context_length
-    tok_file = REFERENCE / "tokenizer" / "conch_byte_level_bpe_uncased.json"
-    if tok_file.is_file():
-        tokenizer, which = ConchTokenizer(tok_file, context, model.cfg.text_cfg.pad_id), "CONCH tokenizer"
-    else:
-        tokenizer, which = StandInTokenizer(context, model.cfg.text_cfg.pad_id), "stand-in tokenizer (no CONCH file)"
+    tokenizer, which = bench_tokenizer(context, model.cfg.text_cfg.pad_id)
     return Encoder(model, tokenizer, fingerprint=FINGERPRINT, device=device, dtype=dtype), which
 
 
