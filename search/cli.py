@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +12,6 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import BadInput, HistosearchError
 from .settings import Settings, load_settings
-
-Command = Callable[[argparse.Namespace, Settings], int]
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
