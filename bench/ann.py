@@ -22,7 +22,7 @@ import faiss
 import numpy as np
 
 from bench._machine import describe_machine
-from search.vectors import INDEX_TYPES, VectorIndex, choose_index_type, gpu_available
+from search.storage.vectors import INDEX_TYPES, VectorIndex, choose_index_type, gpu_available
 
 K = 10
 

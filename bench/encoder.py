@@ -22,7 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench._machine import describe_machine
-from search.model import Conch, create_model
+from search.conch.model import Conch, create_model
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "conch_reference"
 # Dense bf16 peak of the GPUs this is run on (TFLOP/s, without sparsity).
@@ -72,7 +72,7 @@ def bench_tokenizer(context: int, pad_id: int = 0) -> tuple[Callable[[list[str]]
     """The CONCH tokenizer when ../shared/conch_reference has it, else the stand-in; and which one it is."""
     tok_file = REFERENCE / "tokenizer" / "conch_byte_level_bpe_uncased.json"
     if tok_file.is_file():
-        from search.tokenizer import ConchTokenizer
+        from search.conch.tokenizer import ConchTokenizer
 
         return ConchTokenizer(tok_file, context, pad_id), "CONCH tokenizer"
     return StandInTokenizer(context, pad_id), "stand-in tokenizer (no CONCH file)"

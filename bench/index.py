@@ -26,9 +26,9 @@ from PIL import Image
 from bench._machine import describe_machine
 from bench.encoder import random_model
 from indexer.indexer import Indexer
-from search.encoder import Encoder
-from search.settings import load_settings
-from search.store import Store
+from search.conch.encoder import Encoder
+from search.core.settings import load_settings
+from search.storage.store import Store
 
 
 def make_jpeg_tiles(folder: Path, n: int, size: int = 448) -> list[Path]:

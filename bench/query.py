@@ -29,11 +29,11 @@ from PIL import Image
 
 from bench._machine import describe_machine
 from bench.encoder import bench_tokenizer, random_model
-from search.encoder import Encoder
-from search.engine import Engine
-from search.settings import load_settings
-from search.store import Store
-from search.vectors import IndexDirectory, VectorIndex
+from search.conch.encoder import Encoder
+from search.core.settings import load_settings
+from search.engine.engine import Engine
+from search.storage.store import Store
+from search.storage.vectors import IndexDirectory, VectorIndex
 from webui.app import create_app
 
 FINGERPRINT = "conch_ViT-B-16-bench-random"

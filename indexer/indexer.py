@@ -20,16 +20,15 @@ import torch
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
-from search.encoder import Encoder
-from search.errors import BadInput, IndexBusy
-from search.settings import Settings
-from search.store import Store, TileState
-from search.vectors import IndexDirectory, VectorIndex, choose_index_type
-
-from .manifest import Manifest, identity
-from .pipeline import Decoded, DecodePool, Failed
-from .readers import Reader, Skipped, TileEntry, open_reader
-from .texts import BUILTIN_CORPUS, TextItem, builtin_vocabulary, load_corpus
+from indexer.manifest import Manifest, identity
+from indexer.pipeline import Decoded, DecodePool, Failed
+from indexer.texts import BUILTIN_CORPUS, TextItem, builtin_vocabulary, load_corpus
+from search.archives.readers import Reader, Skipped, TileEntry, open_reader
+from search.conch.encoder import Encoder
+from search.core.errors import BadInput, IndexBusy
+from search.core.settings import Settings
+from search.storage.store import Store, TileState
+from search.storage.vectors import IndexDirectory, VectorIndex, choose_index_type
 
 DIRTY_KEY = "index_dirty"
 MOVED_CHUNK = 4096

@@ -14,9 +14,8 @@ import io
 import re
 from pathlib import Path, PurePosixPath
 
-from search.errors import BadInput, ConfigError
-
-from .readers.slide import SLIDE_EXTENSIONS
+from search.archives.readers.slide import SLIDE_EXTENSIONS
+from search.core.errors import BadInput, ConfigError
 
 KEY_COLUMNS = ("path", "file", "slide", "filename")
 

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from search.errors import BadInput
-from search.preprocess import Preprocess
-
-from .decode import content_hash, decode_image
-from .readers import Reader
+from search.archives.decode import content_hash, decode_image
+from search.archives.readers import Reader
+from search.conch.preprocess import Preprocess
+from search.core.errors import BadInput
 
 CHUNK = 16
 

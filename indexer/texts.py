@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from search.errors import BadInput
+from search.core.errors import BadInput
 
 BUILTIN_CORPUS = "builtin"
 

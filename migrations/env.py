@@ -1,6 +1,6 @@
 """Alembic environment for the histosearch database.
 
-The URL comes from ``config.attributes["url"]`` (set by ``search.store.alembic_config``), else the
+The URL comes from ``config.attributes["url"]`` (set by ``search.storage.store.alembic_config``), else the
 ``sqlalchemy.url`` option, else the configured data directory (``load_settings().db_url``).
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from search.settings import load_settings
-from search.store import Base, create_db_engine
+from search.core.settings import load_settings
+from search.storage.store import Base, create_db_engine
 
 config = context.config
 

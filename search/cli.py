@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import BadInput, HistosearchError
-from .settings import Settings, load_settings
+from search.core.errors import BadInput, HistosearchError
+from search.core.settings import Settings, load_settings
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +31,7 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 
 
 def _image_files(paths: list[Path]) -> list[Path]:
-    from indexer.readers.base import IMAGE_EXTENSIONS
+    from search.archives.readers.base import IMAGE_EXTENSIONS
 
     files: list[Path] = []
     for path in paths:
@@ -54,7 +54,7 @@ def _read_image(path: Path) -> Image.Image:
 
 
 def cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
-    from .encoder import DEFAULT_TEMPLATES, Encoder
+    from search.conch.encoder import DEFAULT_TEMPLATES, Encoder
 
     images = _image_files(args.image or [])
     texts = list(args.text or [])
@@ -94,7 +94,7 @@ def cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_model_fetch(args: argparse.Namespace, settings: Settings) -> int:
-    from .hub import fetch_checkpoint, resolve_tokenizer
+    from search.conch.hub import fetch_checkpoint, resolve_tokenizer
 
     path = fetch_checkpoint(settings, progress=not args.quiet)
     print(f"checkpoint: {path}")
@@ -103,9 +103,9 @@ def cmd_model_fetch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
-    from .config import get_model_cfg
-    from .encoder import resolve_device
-    from .hub import resolve_checkpoint, resolve_tokenizer
+    from search.conch.config import get_model_cfg
+    from search.conch.encoder import resolve_device
+    from search.conch.hub import resolve_checkpoint, resolve_tokenizer
 
     cfg = get_model_cfg(settings.model)
     info = {
@@ -160,7 +160,7 @@ def cmd_index_texts(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from .engine import Engine
+    from search.engine.engine import Engine
 
     status = Engine(settings).status()
     if args.json:
@@ -193,7 +193,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _filters(args: argparse.Namespace):
-    from .engine import Filters
+    from search.engine.engine import Filters
 
     meta = {}
     for item in args.meta or []:
@@ -205,7 +205,7 @@ def _filters(args: argparse.Namespace):
 
 
 def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
-    from .engine import Engine
+    from search.engine.engine import Engine
 
     engine = Engine(settings)
     filters = _filters(args)

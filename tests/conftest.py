@@ -69,7 +69,7 @@ def tiny_model_args(tiny_checkpoint: Path, tokenizer_path: Path) -> list[str]:
 @pytest.fixture
 def tiny_settings(tmp_path: Path, tiny_checkpoint: Path, tokenizer_path: Path, monkeypatch):
     """Settings for the tiny CONCH config with synthetic weights, everything under tmp_path."""
-    from search.settings import load_settings
+    from search.core.settings import load_settings
 
     for key in list(os.environ):
         if key.startswith("HISTOSEARCH_") and key != "HISTOSEARCH_CONCH_REFERENCE":
@@ -89,8 +89,8 @@ def tiny_settings(tmp_path: Path, tiny_checkpoint: Path, tokenizer_path: Path, m
 
 @pytest.fixture(scope="session")
 def tiny_encoder(tiny_checkpoint: Path, tokenizer_path: Path, tmp_path_factory):
-    from search.encoder import Encoder
-    from search.settings import load_settings
+    from search.conch.encoder import Encoder
+    from search.core.settings import load_settings
 
     settings = load_settings(
         model="conch_tiny",

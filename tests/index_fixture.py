@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from search.encoder import Encoder
-from search.settings import Settings
-from search.store import Store
-from search.vectors import IndexDirectory, VectorIndex
+from search.conch.encoder import Encoder
+from search.core.settings import Settings
+from search.storage.store import Store
+from search.storage.vectors import IndexDirectory, VectorIndex
 
 TILE_PX = 64
 GRID_STEP = 64

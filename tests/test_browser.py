@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-from search.engine import Engine
+from search.engine.engine import Engine
 from tests.index_fixture import build_index
 from webui.app import create_app
 

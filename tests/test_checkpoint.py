@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from search.checkpoint import checkpoint_digest, read_state_dict
-from search.errors import CheckpointError
-from search.model import create_model
+from search.conch.checkpoint import checkpoint_digest, read_state_dict
+from search.conch.model import create_model
+from search.core.errors import CheckpointError
 
 
 def _save(tmp_path, state, name="pytorch_model.bin"):
@@ -92,7 +92,7 @@ def test_garbage_and_absent_files(tmp_path):
 def test_other_input_size_resizes_position_embedding(tmp_path, tiny_state_dict):
     from dataclasses import replace
 
-    from search.config import get_model_cfg
+    from search.conch.config import get_model_cfg
 
     cfg = get_model_cfg("conch_tiny")
     cfg = replace(cfg, vision_cfg=replace(cfg.vision_cfg, image_size=96))

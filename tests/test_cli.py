@@ -9,7 +9,7 @@ from PIL import Image
 
 from indexer.indexer import Indexer
 from search.cli import main
-from search.engine import Engine
+from search.engine.engine import Engine
 from tests.archives import make_tiles
 
 

@@ -6,8 +6,8 @@ import zlib
 import pytest
 from PIL import Image
 
-from indexer.decode import content_hash, decode_image
-from search.errors import BadInput
+from search.archives.decode import content_hash, decode_image
+from search.core.errors import BadInput
 from tests.archives import TILE_FORMATS, bomb_png, image_bytes, make_image
 
 LIMIT = 100_000_000

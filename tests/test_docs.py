@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from search.cli import build_parser
-from search.settings import Settings
+from search.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI_DOC = (ROOT / "docs" / "cli.md").read_text()
@@ -48,7 +48,7 @@ def test_readme_has_two_setup_commands_and_the_main_job():
 
 
 def test_every_route_is_in_the_api_doc(tmp_path):
-    from search.settings import load_settings
+    from search.core.settings import load_settings
     from webui.app import create_app
 
     api_doc = (ROOT / "docs" / "api.md").read_text()

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from search.encoder import DEFAULT_TEMPLATES, Encoder
-from search.errors import ConfigError, ModelUnavailable
-from search.settings import load_settings
+from search.conch.encoder import DEFAULT_TEMPLATES, Encoder
+from search.core.errors import ConfigError, ModelUnavailable
+from search.core.settings import load_settings
 from tests.test_model import assert_embeddings_match
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from search.engine import MAX_DEPTH, Engine, Filters, filters_from
-from search.errors import BadQuery, IndexUnavailable, NotFound
+from search.core.errors import BadQuery, IndexUnavailable, NotFound
+from search.engine.engine import MAX_DEPTH, Engine, Filters, filters_from
 from tests.index_fixture import CAPTIONS, TERMS, build_index
 
 
@@ -56,7 +56,7 @@ def test_image_reference_serves_later_pages_without_the_image(engine, indexed):
 
 @pytest.mark.parametrize("ensemble", [False, True])
 def test_text_search_ranks_by_the_text_embedding(indexed, tiny_encoder, ensemble):
-    from search.encoder import DEFAULT_TEMPLATES
+    from search.conch.encoder import DEFAULT_TEMPLATES
 
     settings = indexed.settings.model_copy(update={"prompt_ensemble": ensemble})
     engine = Engine(settings, store=indexed.store, encoder=tiny_encoder)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from search.engine import Engine
-from search.errors import HistosearchError
+from search.core.errors import HistosearchError
+from search.engine.engine import Engine
 from tests.index_fixture import build_index
 from webui.app import create_app
 

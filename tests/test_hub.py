@@ -1,4 +1,4 @@
-"""search.hub against local stand-in servers: downloads, resumption, refusals, tokenizer resolution."""
+"""search.conch.hub against local stand-in servers: downloads, resumption, refusals, tokenizer resolution."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from search.errors import DownloadError, ModelUnavailable
-from search.hub import fetch_checkpoint, resolve_checkpoint, resolve_tokenizer, sha256_file
-from search.settings import Settings
+from search.conch.hub import fetch_checkpoint, resolve_checkpoint, resolve_tokenizer, sha256_file
+from search.core.errors import DownloadError, ModelUnavailable
+from search.core.settings import Settings
 from tests.http_stand_in import HttpStandIn
 
 REPO = "MahmoodLab/CONCH"

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from indexer.indexer import Indexer
-from search.encoder import Encoder
-from search.errors import BadInput, IndexBusy
-from search.settings import load_settings
-from search.store import Store
-from search.vectors import IndexDirectory, VectorIndex
+from search.conch.encoder import Encoder
+from search.core.errors import BadInput, IndexBusy
+from search.core.settings import load_settings
+from search.storage.store import Store
+from search.storage.vectors import IndexDirectory, VectorIndex
 from tests.archives import (
     bomb_png,
     files_under,

@@ -1,8 +1,8 @@
 import pytest
 
 from indexer.manifest import Manifest, identity
-from search.errors import BadInput, ConfigError
-from search.settings import Settings
+from search.core.errors import BadInput, ConfigError
+from search.core.settings import Settings
 
 PATTERN = Settings.model_fields["path_pattern"].default
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from search.config import get_model_cfg, list_models, parse_model_cfg
-from search.errors import ConfigError
-from search.model import create_model
-from search.preprocess import Preprocess
-from search.tokenizer import ConchTokenizer
+from search.conch.config import get_model_cfg, list_models, parse_model_cfg
+from search.conch.model import create_model
+from search.conch.preprocess import Preprocess
+from search.conch.tokenizer import ConchTokenizer
+from search.core.errors import ConfigError
 
 CASES = {
     "conch_tiny": ("config_tiny.json", "tiny.npz", "tiny_checkpoint"),

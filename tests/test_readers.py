@@ -7,10 +7,10 @@ import tarfile
 
 import pytest
 
-from indexer.readers import FolderReader, Skipped, TarReader, TileEntry, ZipReader, open_reader
-from indexer.readers.tar import sample_key
-from search.errors import BadInput
-from search.settings import Settings, load_settings
+from search.archives.readers import FolderReader, Skipped, TarReader, TileEntry, ZipReader, open_reader
+from search.archives.readers.tar import sample_key
+from search.core.errors import BadInput
+from search.core.settings import Settings, load_settings
 from tests.archives import (
     files_under,
     image_bytes,

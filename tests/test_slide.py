@@ -6,10 +6,10 @@ import openslide
 import pytest
 import tifffile
 
-from indexer.readers import FolderReader, Skipped, SlideReader, TileEntry, open_reader
-from indexer.readers.slide import otsu_threshold, parse_locator, plan_tiles, tissue_from_rgb
-from search.errors import BadInput
-from search.settings import load_settings
+from search.archives.readers import FolderReader, Skipped, SlideReader, TileEntry, open_reader
+from search.archives.readers.slide import otsu_threshold, parse_locator, plan_tiles, tissue_from_rgb
+from search.core.errors import BadInput
+from search.core.settings import load_settings
 from tests.archives import TISSUE_RGB, image_bytes, make_image, make_slide
 
 TISSUE = (512, 768, 1280, 1280)  # x0, y0, x1, y1 in level-0 pixels of the 2048 px, 0.25 um/px slide

@@ -20,9 +20,9 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.exc import IntegrityError
 
-from search import store as store_module
-from search.errors import ConfigError, NotFound
-from search.store import Base, Store, TileState, alembic_config
+from search.core.errors import ConfigError, NotFound
+from search.storage import store as store_module
+from search.storage.store import Base, Store, TileState, alembic_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = {
@@ -98,7 +98,7 @@ def test_migrations_build_schema_from_nothing_and_downgrade_to_base(tmp_path: Pa
 
 def test_processes_opening_a_new_database_together_all_succeed(tmp_path: Path) -> None:
     url = _url(tmp_path / "h.db")
-    code = "import sys; from search.store import Store; print(Store(sys.argv[1]).counts()['tiles'])"
+    code = "import sys; from search.storage.store import Store; print(Store(sys.argv[1]).counts()['tiles'])"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [
         subprocess.Popen([sys.executable, "-c", code, url], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -572,7 +572,7 @@ def test_errors_and_meta(db: Store, src: int) -> None:
 WRITER = """
 import sys
 import numpy as np
-from search.store import Store
+from search.storage.store import Store
 
 store = Store(sys.argv[1])
 source = store.get_or_create_source("folder", "/archive")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from indexer.texts import TextItem, builtin_vocabulary, load_corpus
-from search.errors import BadInput
+from search.core.errors import BadInput
 
 ORGANS = {
     "breast", "prostate", "colorectum", "stomach", "oesophagus", "lung", "liver", "pancreas", "kidney",

@@ -9,9 +9,9 @@ import faiss
 import numpy as np
 import pytest
 
-from search import vectors
-from search.errors import BadInput, BadQuery, ConfigError, IndexUnavailable, NotFound
-from search.vectors import (
+from search.core.errors import BadInput, BadQuery, ConfigError, IndexUnavailable, NotFound
+from search.storage import vectors
+from search.storage.vectors import (
     APPROXIMATE_DEFAULT,
     INDEX_TYPES,
     IndexDirectory,
@@ -266,7 +266,7 @@ def test_bad_inputs(data) -> None:
 @pytest.mark.skipif(gpu_available(), reason="checks the fallback of a CPU-only FAISS build")
 def test_cuda_without_gpu_faiss_runs_on_cpu(data, caplog) -> None:
     ids, x = data
-    with caplog.at_level(logging.WARNING, logger="search.vectors"):
+    with caplog.at_level(logging.WARNING, logger="search.storage.vectors"):
         index = VectorIndex.build(ids[:50], x[:50], "flat", device="cuda")
     assert index.device == "cpu"
     assert "no GPU support" in caplog.text

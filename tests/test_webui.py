@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from search.engine import Engine, Filters
+from search.engine.engine import Engine, Filters
 from tests.index_fixture import HOSTILE, build_index
 from webui import app as webapp
 from webui.app import create_app

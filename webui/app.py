@@ -27,9 +27,9 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from search.engine import Engine
-from search.errors import HistosearchError, PayloadTooLarge, Unauthorized
-from search.settings import Settings
+from search.core.errors import HistosearchError, PayloadTooLarge, Unauthorized
+from search.core.settings import Settings
+from search.engine.engine import Engine
 
 from .routes import cases, images, login, search, status, tiles
 

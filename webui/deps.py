@@ -10,10 +10,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 from PIL import Image
 
-from indexer.decode import decode_image
-from search.engine import Engine, Filters, filters_from
-from search.errors import PayloadTooLarge
-from search.settings import Settings
+from search.archives.decode import decode_image
+from search.core.errors import PayloadTooLarge
+from search.core.settings import Settings
+from search.engine.engine import Engine, Filters, filters_from
 
 K_CHOICES = (12, 24, 48, 96)
 DEFAULT_K = 24

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from search.errors import BadQuery
+from search.core.errors import BadQuery
 
 from ..deps import EngineDep, FiltersDep, FormFiltersDep, UploadedImage, filter_params, render, url_with
 

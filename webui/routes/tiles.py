@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 
-from search.errors import HistosearchError
+from search.core.errors import HistosearchError
 
 from ..deps import EngineDep, render
 

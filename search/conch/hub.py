@@ -22,8 +22,8 @@ from filelock import FileLock
 from filelock import Timeout as LockTimeout
 from tqdm import tqdm
 
-from .errors import DownloadError, ModelUnavailable
-from .settings import Settings
+from search.core.errors import DownloadError, ModelUnavailable
+from search.core.settings import Settings
 
 CHECKPOINT_FILENAME = "pytorch_model.bin"
 # The reference package's name for the file first, then the Hugging Face convention.

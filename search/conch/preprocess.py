@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from .config import PretrainedCfg
+from search.conch.config import PretrainedCfg
 
 if TYPE_CHECKING:
     import torch

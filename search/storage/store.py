@@ -51,8 +51,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import migrations
-
-from .errors import BadQuery, ConfigError, NotFound
+from search.core.errors import BadQuery, ConfigError, NotFound
 
 # Constraint names are fixed so that later batch migrations on SQLite can find and drop them.
 NAMING_CONVENTION = {

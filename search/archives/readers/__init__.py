@@ -8,8 +8,8 @@ from pathlib import Path
 
 from openslide import OpenSlide, OpenSlideError
 
-from search.errors import BadInput
-from search.settings import Settings
+from search.core.errors import BadInput
+from search.core.settings import Settings
 
 from .base import IMAGE_EXTENSIONS, Reader, Skipped, TileEntry
 from .folder import FolderReader

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from search.errors import BadInput
+from search.core.errors import BadInput
 
 from .base import IMAGE_EXTENSIONS, Reader, Skipped, TileEntry, byte_limit, unsafe_member_reason
 from .slide import (

@@ -19,7 +19,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from .errors import ConfigError
+from search.core.errors import ConfigError
 
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "histosearch"
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "histosearch"
@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     # Downloaded weights and tokenizer.
     cache_dir: Path = DEFAULT_CACHE_DIR
 
-    # Model: a config name (search/model_configs) or a JSON file.
+    # Model: a config name (search/conch/model_configs) or a JSON file.
     model: str = "conch_ViT-B-16"
     checkpoint: Path | None = None
     tokenizer: Path | None = None

@@ -20,15 +20,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from indexer.decode import content_hash, decode_image
-from indexer.readers import Reader, open_reader
-
-from .config import get_model_cfg
-from .encoder import DEFAULT_TEMPLATES, Encoder, resolve_device
-from .errors import BadInput, BadQuery, ConfigError, HistosearchError, IndexUnavailable, NotFound
-from .settings import Settings
-from .store import Store
-from .vectors import IndexDirectory, LiveIndex
+from search.archives.decode import content_hash, decode_image
+from search.archives.readers import Reader, open_reader
+from search.conch.config import get_model_cfg
+from search.conch.encoder import DEFAULT_TEMPLATES, Encoder, resolve_device
+from search.core.errors import BadInput, BadQuery, ConfigError, HistosearchError, IndexUnavailable, NotFound
+from search.core.settings import Settings
+from search.storage.store import Store
+from search.storage.vectors import IndexDirectory, LiveIndex
 
 # Pages are served down to this rank: deeper paging would make FAISS return ever larger k.
 MAX_DEPTH = 10_000

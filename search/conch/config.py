@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .errors import ConfigError
+from search.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ except ImportError:  # neither FAISS build: they are extras so that the two neve
         "FAISS is not installed: pip install 'histosearch[cpu]' (or 'histosearch[gpu]' on a CUDA machine, never both)"
     ) from None
 
-from .errors import BadInput, BadQuery, ConfigError, IndexUnavailable, NotFound
+from search.core.errors import BadInput, BadQuery, ConfigError, IndexUnavailable, NotFound
 
 log = logging.getLogger(__name__)
 

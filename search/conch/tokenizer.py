@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from .errors import ConfigError
+from search.core.errors import ConfigError
 
 
 class ConchTokenizer:

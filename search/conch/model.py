@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .config import ModelCfg, TextCfg, VisionCfg, get_model_cfg
+from search.conch.config import ModelCfg, TextCfg, VisionCfg, get_model_cfg
 
 
 class AttentionalPooler(nn.Module):
@@ -181,7 +181,7 @@ def create_model(name_or_cfg: str | Path | ModelCfg, checkpoint: str | Path | No
     cfg = name_or_cfg if isinstance(name_or_cfg, ModelCfg) else get_model_cfg(name_or_cfg)
     model = Conch(cfg)
     if checkpoint is not None:
-        from .checkpoint import load_checkpoint
+        from search.conch.checkpoint import load_checkpoint
 
         load_checkpoint(model, checkpoint)
     return model.eval()

@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from .errors import CheckpointError
-from .hub import sha256_file
+from search.conch.hub import sha256_file
+from search.core.errors import CheckpointError
 
 IGNORED_PREFIXES = ("text_decoder.",)
 _LISTED = 12

@@ -27,8 +27,8 @@ import openslide
 from openslide import OpenSlide, OpenSlideError
 from PIL import Image
 
-from search.errors import BadInput
-from search.settings import Settings
+from search.core.errors import BadInput
+from search.core.settings import Settings
 
 from .base import Reader, Skipped, TileEntry
 

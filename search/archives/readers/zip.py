@@ -8,7 +8,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import PurePosixPath
 
-from search.errors import BadInput
+from search.core.errors import BadInput
 
 from .base import (
     Reader,

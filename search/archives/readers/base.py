@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
-from search.settings import Settings
+from search.core.settings import Settings
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"})
 
@@ -106,7 +106,7 @@ class Reader(ABC):
 
     @abstractmethod
     def read(self, locator: str) -> bytes | Image.Image:
-        """Bytes of a file member (decoded later by ``indexer.decode``) or an RGB image for WSI tiles."""
+        """Bytes of a file member (decoded later by ``search.archives.decode``) or an RGB image for WSI tiles."""
 
     def close(self) -> None:
         with self._lock:

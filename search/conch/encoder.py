@@ -10,12 +10,12 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from .config import ModelCfg, get_model_cfg
-from .errors import ConfigError
-from .model import Conch, create_model
-from .preprocess import ImageInput, Preprocess
-from .settings import Settings
-from .tokenizer import ConchTokenizer
+from search.conch.config import ModelCfg, get_model_cfg
+from search.conch.model import Conch, create_model
+from search.conch.preprocess import ImageInput, Preprocess
+from search.conch.tokenizer import ConchTokenizer
+from search.core.errors import ConfigError
+from search.core.settings import Settings
 
 # Prompt ensembling for text queries, as CONCH's zero-shot evaluation does: several phrasings of the
 # same description, embeddings averaged and renormalised.
@@ -76,8 +76,8 @@ class Encoder:
     @classmethod
     def from_settings(cls, settings: Settings) -> Encoder:
         """Build from settings: config, checkpoint and tokenizer resolved as the docs describe."""
-        from .checkpoint import checkpoint_digest
-        from .hub import resolve_checkpoint, resolve_tokenizer
+        from search.conch.checkpoint import checkpoint_digest
+        from search.conch.hub import resolve_checkpoint, resolve_tokenizer
 
         cfg = get_model_cfg(settings.model)
         checkpoint = resolve_checkpoint(settings)

@@ -12,7 +12,7 @@ import io
 
 from PIL import Image, UnidentifiedImageError
 
-from search.errors import BadInput
+from search.core.errors import BadInput
 
 _FORMATS = ("JPEG", "PNG", "TIFF", "WEBP")
 
