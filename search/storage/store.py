@@ -14,6 +14,7 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -50,7 +51,6 @@ from sqlalchemy import (
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-import migrations
 from search.core.errors import BadQuery, ConfigError, NotFound
 
 # Constraint names are fixed so that later batch migrations on SQLite can find and drop them.
@@ -264,7 +264,9 @@ def create_db_engine(
 def alembic_config(db_url: str) -> Config:
     """An Alembic config for ``db_url`` built in code: no alembic.ini is needed on disk."""
     config = Config()
-    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    # The migration scripts are data to this layer: found by package name, never imported from here,
+    # since migrations/env.py imports this schema.
+    config.set_main_option("script_location", str(resources.files("migrations")))
     # The URL goes in attributes, not the main options, which would %-interpolate it.
     config.attributes["url"] = db_url
     return config
