@@ -32,8 +32,9 @@ from bench.encoder import bench_tokenizer, random_model
 from search.conch.encoder import Encoder
 from search.core.settings import load_settings
 from search.engine.engine import Engine
+from search.storage.index_directory import IndexDirectory
 from search.storage.store import Store
-from search.storage.vectors import IndexDirectory, VectorIndex
+from search.storage.vectors import VectorIndex
 from webui.app import create_app
 
 FINGERPRINT = "conch_ViT-B-16-bench-random"

@@ -27,8 +27,9 @@ from search.archives.readers import Reader, Skipped, TileEntry, open_reader
 from search.conch.encoder import Encoder
 from search.core.errors import BadInput, IndexBusy
 from search.core.settings import Settings
+from search.storage.index_directory import IndexDirectory
 from search.storage.store import Store, TileState
-from search.storage.vectors import IndexDirectory, VectorIndex, choose_index_type
+from search.storage.vectors import VectorIndex, choose_index_type
 
 DIRTY_KEY = "index_dirty"
 MOVED_CHUNK = 4096

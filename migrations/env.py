@@ -1,6 +1,6 @@
 """Alembic environment for the histosearch database.
 
-The URL comes from ``config.attributes["url"]`` (set by ``search.storage.store.alembic_config``), else the
+The URL comes from ``config.attributes["url"]`` (set by ``search.storage.database.alembic_config``), else the
 ``sqlalchemy.url`` option, else the configured data directory (``load_settings().db_url``).
 """
 
@@ -9,7 +9,8 @@ from __future__ import annotations
 from alembic import context
 
 from search.core.settings import load_settings
-from search.storage.store import Base, create_db_engine
+from search.storage.database import create_db_engine
+from search.storage.schema import Base
 
 config = context.config
 

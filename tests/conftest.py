@@ -1,4 +1,5 @@
-"""Shared fixtures: the CONCH reference folder, synthetic checkpoints, tiny-model settings."""
+"""Shared fixtures: the CONCH reference folder, synthetic checkpoints, tiny-model settings, and (from
+store_fixture.py) a fresh store."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+pytest_plugins = ["tests.store_fixture"]
 
 REFERENCE = Path(
     os.environ.get("HISTOSEARCH_CONCH_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "conch_reference")

@@ -17,8 +17,9 @@ from PIL import Image
 
 from search.conch.encoder import Encoder
 from search.core.settings import Settings
+from search.storage.index_directory import IndexDirectory
 from search.storage.store import Store
-from search.storage.vectors import IndexDirectory, VectorIndex
+from search.storage.vectors import VectorIndex
 
 TILE_PX = 64
 GRID_STEP = 64

@@ -17,8 +17,9 @@ from indexer.indexer import Indexer
 from search.conch.encoder import Encoder
 from search.core.errors import BadInput, IndexBusy
 from search.core.settings import load_settings
+from search.storage.index_directory import IndexDirectory
 from search.storage.store import Store
-from search.storage.vectors import IndexDirectory, VectorIndex
+from search.storage.vectors import VectorIndex
 from tests.archives import (
     bomb_png,
     files_under,

@@ -1,4 +1,4 @@
-"""FAISS indexes, filtered search and the on-disk build directory, with real FAISS in tmp_path."""
+"""FAISS indexes, filtered search and the live index over published builds, with real FAISS in tmp_path."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 
 from search.core.errors import BadInput, BadQuery, ConfigError, IndexUnavailable, NotFound
 from search.storage import vectors
+from search.storage.index_directory import IndexDirectory
 from search.storage.vectors import (
     APPROXIMATE_DEFAULT,
     INDEX_TYPES,
-    IndexDirectory,
     LiveIndex,
     VectorIndex,
     choose_index_type,
@@ -292,32 +292,6 @@ def test_gpu_matches_cpu(data, kind: str, monkeypatch) -> None:
 def write_build(directory: IndexDirectory, build_id: int, n: int) -> None:
     x = clustered(n, seed=build_id)
     VectorIndex.build(np.arange(n), x, "flat", device="cpu").save(directory.build_path(build_id))
-
-
-def test_publish_swaps_the_pointer_and_prunes_old_builds(tmp_path) -> None:
-    directory = IndexDirectory(tmp_path / "index")
-    assert directory.live_build_id() is None
-    for build_id in (1, 2, 3):
-        write_build(directory, build_id, 10 * build_id)
-        directory.publish(build_id)
-        assert directory.live_build_id() == build_id
-    # The previous build stays for servers still loading it; older ones go.
-    assert directory.build_ids() == [2, 3]
-    write_build(directory, 5, 10)  # a newer build still being written is left alone
-    write_build(directory, 4, 10)
-    directory.publish(4)
-    assert directory.build_ids() == [3, 4, 5]
-    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["LIVE", "builds"]
-    with pytest.raises(IndexUnavailable, match="cannot publish build 9"):
-        directory.publish(9)
-    assert directory.live_build_id() == 4
-
-
-def test_corrupt_pointer(tmp_path) -> None:
-    directory = IndexDirectory(tmp_path)
-    directory.pointer.write_text("garbage")
-    with pytest.raises(IndexUnavailable, match="corrupt pointer"):
-        directory.live_build_id()
 
 
 def test_live_index_loads_and_reloads_after_publish(tmp_path) -> None:

@@ -26,8 +26,9 @@ from search.conch.config import get_model_cfg
 from search.conch.encoder import DEFAULT_TEMPLATES, Encoder, resolve_device
 from search.core.errors import BadInput, BadQuery, ConfigError, HistosearchError, IndexUnavailable, NotFound
 from search.core.settings import Settings
+from search.storage.index_directory import IndexDirectory
 from search.storage.store import Store
-from search.storage.vectors import IndexDirectory, LiveIndex
+from search.storage.vectors import LiveIndex
 
 # Pages are served down to this rank: deeper paging would make FAISS return ever larger k.
 MAX_DEPTH = 10_000

@@ -1,4 +1,4 @@
-"""FAISS vector indexes over tile embeddings, and their on-disk builds.
+"""FAISS vector indexes over tile embeddings, and the live one a server holds (builds on disk: index_directory.py).
 
 Embeddings are L2-normalised float32, so similarity is the inner product. Every index is an
 ``IndexIDMap2`` whose ids are tile ids (int64, not contiguous: ids are never reused after deletes);
@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ except ImportError:  # neither FAISS build: they are extras so that the two neve
     ) from None
 
 from search.core.errors import BadInput, BadQuery, ConfigError, IndexUnavailable, NotFound
+from search.storage.index_directory import IndexDirectory
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,6 @@ _EXACT_CHUNK = 16_384
 _GPU_MAX_K = 2048
 # Sub-quantizer counts (code bytes) the GPU IVFPQ kernels support.
 _GPU_PQ_CODE_BYTES = frozenset({1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96})
-
-POINTER_NAME = "LIVE"
-INDEX_FILE_NAME = "index.faiss"
 
 
 def choose_index_type(n: int, requested: str = "auto", exact_max: int = 200_000) -> str:
@@ -439,84 +436,6 @@ class VectorIndex:
         if _kind_of(index) is None:
             raise IndexUnavailable(f"{path}: not a histosearch index: rebuild it with `histosearch index PATH`")
         return cls(index, _resolve_device(device))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class IndexDirectory:
-    """On-disk builds under ``root``: ``builds/<build_id>/index.faiss`` plus a ``LIVE`` pointer file
-    holding the live build id.
-
-    A new build is written beside the live one and published by atomically replacing the pointer
-    (os.replace), so a running server picks it up without restart and never sees a half-written index.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.pointer = self.root / POINTER_NAME
-
-    def build_path(self, build_id: int) -> Path:
-        """Where build ``build_id``'s index file goes (``VectorIndex.save`` creates the folder)."""
-        return self.root / "builds" / str(int(build_id)) / INDEX_FILE_NAME
-
-    def build_ids(self) -> list[int]:
-        """Builds on disk, oldest first."""
-        builds = self.root / "builds"
-        if not builds.is_dir():
-            return []
-        return sorted(int(p.name) for p in builds.iterdir() if p.name.isdigit() and p.is_dir())
-
-    def publish(self, build_id: int) -> None:
-        """Make ``build_id`` live: atomic pointer swap, then remove builds older than the previous one."""
-        path = self.build_path(build_id)
-        if not path.is_file():
-            raise IndexUnavailable(f"{path}: no index file, cannot publish build {build_id}")
-        previous = self.live_build_id()
-        tmp = self.pointer.with_name(f"{POINTER_NAME}.tmp-{os.getpid()}-{threading.get_ident()}")
-        try:
-            with open(tmp, "w") as f:
-                f.write(f"{int(build_id)}\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.pointer)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(self.root)
-        # Keep the previous build for servers still loading it; builds newer than this one are
-        # someone else's work in progress.
-        for old in self.build_ids():
-            if old < build_id and old != previous:
-                shutil.rmtree(self.build_path(old).parent, ignore_errors=True)
-
-    def unpublish(self) -> None:
-        """No live index any more (every tile was removed): servers answer IndexUnavailable from the next query."""
-        self.pointer.unlink(missing_ok=True)
-        if self.root.is_dir():
-            _fsync_dir(self.root)
-
-    def live_build_id(self) -> int | None:
-        """The live build id, or None when nothing was published."""
-        try:
-            text = self.pointer.read_text().strip()
-        except FileNotFoundError:
-            return None
-        if not text.isdigit():
-            raise IndexUnavailable(f"{self.pointer}: corrupt pointer {text[:40]!r}: run `histosearch index PATH`")
-        return int(text)
-
-    def pointer_stamp(self) -> tuple[int, int, int] | None:
-        """A cheap fingerprint of the pointer file (inode, mtime, size) that changes with each publish."""
-        try:
-            st = os.stat(self.pointer)
-        except FileNotFoundError:
-            return None
-        return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 @dataclass(frozen=True)

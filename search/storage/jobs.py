@@ -1,0 +1,195 @@
+"""Jobs (indexing runs and their progress), index builds, per-file errors and the meta key/value table."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from sqlalchemy import select, update
+
+from search.core.errors import NotFound
+from search.storage.repository import Repository, iso, utcnow
+from search.storage.schema import BUILD_STATUSES, JOB_STATUSES, Build, FileError, Job, MetaItem
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
+
+
+def _job_dict(job: Job) -> dict:
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "status": job.status,
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "heartbeat_at": iso(job.heartbeat_at),
+        "pid": job.pid,
+        "total": job.total,
+        "done": job.done,
+        "errors": job.errors,
+        "message": job.message,
+        "args": job.args,
+    }
+
+
+def _build_dict(build: Build) -> dict:
+    return {
+        "id": build.id,
+        "created_at": iso(build.created_at),
+        "model_fingerprint": build.model_fingerprint,
+        "index_type": build.index_type,
+        "count": build.count,
+        "path": build.path,
+        "status": build.status,
+        "device": build.device,
+    }
+
+
+class JobRepository(Repository):
+    """Index builds, jobs, file errors and meta."""
+
+    def add_build(self, model_fingerprint: str, index_type: str, count: int, path: str, device: str) -> int:
+        """Record an index build in progress (status 'building')."""
+        with self.session(write=True) as s:
+            build = Build(
+                created_at=utcnow(),
+                model_fingerprint=model_fingerprint,
+                index_type=index_type,
+                count=count,
+                path=path,
+                status="building",
+                device=device,
+            )
+            s.add(build)
+            s.flush()
+            return build.id
+
+    def set_build_status(self, build_id: int, status: str) -> None:
+        """Set a build's status; making one 'live' retires the build that was live before."""
+        if status not in BUILD_STATUSES:
+            raise ValueError(f"build status {status!r} is not one of {BUILD_STATUSES}")
+        with self.session(write=True) as s:
+            build = s.get(Build, build_id)
+            if build is None:
+                raise NotFound(f"no index build with id {build_id}")
+            if status == "live":
+                s.execute(update(Build).where(Build.status == "live", Build.id != build_id).values(status="retired"))
+            build.status = status
+
+    def live_build(self) -> dict | None:
+        with self.session() as s:
+            build = s.scalars(select(Build).where(Build.status == "live").order_by(Build.id.desc()).limit(1)).first()
+            return _build_dict(build) if build else None
+
+    # --- jobs --------------------------------------------------------------------------------
+
+    def start_job(self, kind: str, args: dict, total: int | None = None) -> int:
+        """Record a running job owned by this process."""
+        now = utcnow()
+        with self.session(write=True) as s:
+            job = Job(
+                kind=kind,
+                status="running",
+                started_at=now,
+                heartbeat_at=now,
+                pid=os.getpid(),
+                total=total,
+                done=0,
+                errors=0,
+                args=args,
+            )
+            s.add(job)
+            s.flush()
+            return job.id
+
+    def update_job(
+        self,
+        job_id: int,
+        *,
+        done: int | None = None,
+        total: int | None = None,
+        errors: int | None = None,
+        message: str | None = None,
+    ) -> None:
+        """Set the given progress fields and bump the heartbeat."""
+        values: dict[str, Any] = {"heartbeat_at": utcnow()}
+        for name, value in (("done", done), ("total", total), ("errors", errors), ("message", message)):
+            if value is not None:
+                values[name] = value
+        with self.session(write=True) as s:
+            if s.execute(update(Job).where(Job.id == job_id).values(**values)).rowcount == 0:
+                raise NotFound(f"no job with id {job_id}")
+
+    def finish_job(self, job_id: int, status: str, message: str | None = None) -> None:
+        if status not in JOB_STATUSES or status == "running":
+            raise ValueError(f"a finished job's status is one of done, failed, interrupted, not {status!r}")
+        now = utcnow()
+        values: dict[str, Any] = {"status": status, "finished_at": now, "heartbeat_at": now}
+        if message is not None:
+            values["message"] = message
+        with self.session(write=True) as s:
+            if s.execute(update(Job).where(Job.id == job_id).values(**values)).rowcount == 0:
+                raise NotFound(f"no job with id {job_id}")
+
+    def running_job(self) -> dict | None:
+        """The newest job still marked running (see :meth:`mark_stale_jobs_interrupted`)."""
+        with self.session() as s:
+            job = s.scalars(select(Job).where(Job.status == "running").order_by(Job.id.desc()).limit(1)).first()
+            return _job_dict(job) if job else None
+
+    def last_job(self) -> dict | None:
+        with self.session() as s:
+            job = s.scalars(select(Job).order_by(Job.id.desc()).limit(1)).first()
+            return _job_dict(job) if job else None
+
+    def mark_stale_jobs_interrupted(self) -> int:
+        """Mark running jobs whose process is gone as interrupted; returns how many.
+
+        Liveness is checked by pid on this machine, so it is meant for a database on a local disk.
+        """
+        with self.session(write=True) as s:
+            stale = [job for job in s.scalars(select(Job).where(Job.status == "running")) if not _pid_alive(job.pid)]
+            now = utcnow()
+            for job in stale:
+                job.status = "interrupted"
+                job.finished_at = now
+                job.message = job.message or f"process {job.pid} ended without finishing the job"
+            return len(stale)
+
+    # --- errors and meta ---------------------------------------------------------------------
+
+    def record_error(self, path: str, reason: str, job_id: int | None = None, source_id: int | None = None) -> None:
+        with self.session(write=True) as s:
+            s.add(FileError(path=path, reason=reason, job_id=job_id, source_id=source_id, created_at=utcnow()))
+
+    def recent_errors(self, limit: int = 20) -> list[dict]:
+        """The newest file errors first."""
+        with self.session() as s:
+            return [
+                {
+                    "id": e.id,
+                    "job_id": e.job_id,
+                    "source_id": e.source_id,
+                    "path": e.path,
+                    "reason": e.reason,
+                    "created_at": iso(e.created_at),
+                }
+                for e in s.scalars(select(FileError).order_by(FileError.id.desc()).limit(limit))
+            ]
+
+    def get_meta(self, key: str) -> str | None:
+        with self.session() as s:
+            return s.scalar(select(MetaItem.value).where(MetaItem.key == key))
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.session(write=True) as s:
+            s.merge(MetaItem(key=key, value=value))

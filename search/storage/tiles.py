@@ -1,0 +1,276 @@
+"""Tiles and their embeddings: writes in one transaction with their vectors, reads by id, filters,
+grid neighbours and the UI's facet values."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+from sqlalchemy import Select, String, cast, delete, func, insert, select, true, update
+from sqlalchemy.orm import Session
+
+from search.core.errors import BadQuery, NotFound
+from search.storage.repository import Repository, as_matrix, chunks, decode_vectors, iso, utcnow
+from search.storage.schema import Case, Embedding, Slide, Source, Tile
+
+
+class TileState(NamedTuple):
+    """What the indexer needs to decide whether a tile is new, moved, changed or needs re-embedding."""
+
+    id: int
+    fingerprint: str
+    content_hash: str
+    model_fingerprint: str | None
+
+
+TILE_COLUMNS = frozenset(c.name for c in Tile.__table__.columns) - {"id"}
+
+
+def _tile_select() -> Select[Any]:
+    return (
+        select(Tile, Source.kind, Source.uri, Slide.slide_key, Case.case_key)
+        .join(Source, Tile.source_id == Source.id)
+        .outerjoin(Slide, Tile.slide_id == Slide.id)
+        .outerjoin(Case, Slide.case_id == Case.id)
+    )
+
+
+def _tile_dict(tile: Tile, kind: str, uri: str, slide_key: str | None, case_key: str | None) -> dict:
+    return {
+        "id": tile.id,
+        "source_id": tile.source_id,
+        "source": {"id": tile.source_id, "kind": kind, "uri": uri},
+        "locator": tile.locator,
+        "path": tile.path,
+        "slide_id": tile.slide_id,
+        "slide_key": slide_key,
+        "case_key": case_key,
+        "level": tile.level,
+        "x": tile.x,
+        "y": tile.y,
+        "width": tile.width,
+        "height": tile.height,
+        "size": tile.size,
+        "mpp": tile.mpp,
+        "content_hash": tile.content_hash,
+        "fingerprint": tile.fingerprint,
+        "meta": tile.meta,
+        "created_at": iso(tile.created_at),
+    }
+
+
+def _tile_row(row: dict) -> dict:
+    unknown = set(row) - TILE_COLUMNS
+    if unknown:
+        raise ValueError(f"tile row has unknown keys {sorted(unknown)}; allowed: {sorted(TILE_COLUMNS)}")
+    full = dict.fromkeys(TILE_COLUMNS)
+    full.update(row)
+    full["meta"] = full["meta"] or {}
+    full["created_at"] = full["created_at"] or utcnow()
+    return full
+
+
+class TileRepository(Repository):
+    """Tiles with their embeddings, read back with their source, slide and case."""
+
+    def tile_states(self, source_id: int) -> dict[str, TileState]:
+        stmt = (
+            select(Tile.locator, Tile.id, Tile.fingerprint, Tile.content_hash, Embedding.model_fingerprint)
+            .outerjoin(Embedding, Embedding.tile_id == Tile.id)
+            .where(Tile.source_id == source_id)
+        )
+        with self.session() as s:
+            return {locator: TileState(*rest) for locator, *rest in s.execute(stmt)}
+
+    def _insert_tiles(self, s: Session, rows: list[dict], vectors: np.ndarray, model_fingerprint: str) -> list[int]:
+        matrix = as_matrix(vectors, len(rows))
+        if not rows:
+            return []
+        full = [_tile_row(row) for row in rows]
+        ids = list(s.scalars(insert(Tile).returning(Tile.id, sort_by_parameter_order=True), full))
+        s.execute(
+            insert(Embedding),
+            [
+                {"tile_id": tile_id, "model_fingerprint": model_fingerprint, "vector": vector.tobytes()}
+                for tile_id, vector in zip(ids, matrix, strict=True)
+            ],
+        )
+        return ids
+
+    def add_tiles(self, rows: list[dict], vectors: np.ndarray, model_fingerprint: str) -> list[int]:
+        """Insert tiles with their embeddings in one transaction; returns the new ids in row order."""
+        with self.session(write=True) as s:
+            return self._insert_tiles(s, rows, vectors, model_fingerprint)
+
+    def replace_tiles(
+        self, old_ids: list[int], rows: list[dict], vectors: np.ndarray, model_fingerprint: str
+    ) -> list[int]:
+        """Delete changed tiles and insert their new versions (new ids) in one transaction."""
+        with self.session(write=True) as s:
+            for chunk in chunks(old_ids):
+                s.execute(delete(Tile).where(Tile.id.in_(chunk)))
+            return self._insert_tiles(s, rows, vectors, model_fingerprint)
+
+    def set_embeddings(self, tile_ids: list[int], vectors: np.ndarray, model_fingerprint: str) -> None:
+        """Store (or overwrite) the embeddings of existing tiles, e.g. after a model change."""
+        self._upsert_vectors(Embedding, "tile_id", tile_ids, vectors, model_fingerprint)
+
+    def update_fingerprints(self, pairs: list[tuple[int, str]]) -> None:
+        """The cheap change detector moved but the content hash did not: keep the tile and its id."""
+        if not pairs:
+            return
+        with self.session(write=True) as s:
+            s.execute(update(Tile), [{"id": tile_id, "fingerprint": fp} for tile_id, fp in pairs])
+
+    def delete_tiles(self, tile_ids: list[int]) -> None:
+        with self.session(write=True) as s:
+            for chunk in chunks(tile_ids):
+                s.execute(delete(Tile).where(Tile.id.in_(chunk)))
+
+    def iter_embeddings(self, model_fingerprint: str, batch: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids int64 [n], vectors float32 [n, d]) in id order, one short transaction per batch."""
+        last = -1
+        while True:
+            stmt = (
+                select(Embedding.tile_id, Embedding.vector)
+                .where(Embedding.model_fingerprint == model_fingerprint, Embedding.tile_id > last)
+                .order_by(Embedding.tile_id)
+                .limit(batch)
+            )
+            with self.session() as s:
+                rows = s.execute(stmt).all()
+            if not rows:
+                return
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            yield ids, decode_vectors([r[1] for r in rows])
+            last = int(ids[-1])
+
+    def get_embeddings(self, tile_ids: list[int], model_fingerprint: str) -> np.ndarray:
+        """Vectors [n, d] in the order of ``tile_ids``; NotFound names the tiles that have none."""
+        found: dict[int, bytes] = {}
+        with self.session() as s:
+            for chunk in chunks(list(dict.fromkeys(tile_ids))):
+                stmt = select(Embedding.tile_id, Embedding.vector).where(
+                    Embedding.tile_id.in_(chunk), Embedding.model_fingerprint == model_fingerprint
+                )
+                found.update((i, v) for i, v in s.execute(stmt))
+        missing = [i for i in tile_ids if i not in found]
+        if missing:
+            shown = ", ".join(str(i) for i in missing[:10]) + (" ..." if len(missing) > 10 else "")
+            raise NotFound(
+                f"no embedding under model {model_fingerprint} for tile(s) {shown}; "
+                "run `histosearch index` to (re-)embed them"
+            )
+        return decode_vectors([found[i] for i in tile_ids])
+
+    def get_tiles(self, tile_ids: list[int]) -> list[dict]:
+        """Tiles in the order of ``tile_ids`` with their source, slide and case; missing ids are skipped."""
+        found: dict[int, dict] = {}
+        with self.session() as s:
+            for chunk in chunks(list(dict.fromkeys(int(i) for i in tile_ids))):
+                for row in s.execute(_tile_select().where(Tile.id.in_(chunk))):
+                    found[row[0].id] = _tile_dict(*row)
+        return [found[i] for i in (int(i) for i in tile_ids) if i in found]
+
+    def tile_ids_matching(
+        self,
+        source: str | int | None = None,
+        slide: str | None = None,
+        case: str | None = None,
+        meta: dict[str, str] | None = None,
+    ) -> np.ndarray:
+        """Sorted int64 ids of the tiles that pass every given filter (all tiles when none is given).
+
+        ``source`` is a source uri or id, ``slide`` a slide_key, ``case`` a case_key; ``meta`` values
+        are compared with the tile's JSON meta as text, so {"stain": "HE"} or {"year": "2020"}.
+        """
+        stmt = select(Tile.id).order_by(Tile.id)
+        if source is not None:
+            if isinstance(source, int) or str(source).isdigit():
+                stmt = stmt.where(Tile.source_id == int(source))
+            else:
+                stmt = stmt.where(Tile.source_id.in_(select(Source.id).where(Source.uri == source)))
+        if slide is not None or case is not None:
+            stmt = stmt.join(Slide, Tile.slide_id == Slide.id)
+            if slide is not None:
+                stmt = stmt.where(Slide.slide_key == slide)
+            if case is not None:
+                stmt = stmt.join(Case, Slide.case_id == Case.id).where(Case.case_key == case)
+        for key, value in (meta or {}).items():
+            if not isinstance(key, str) or not key:
+                raise BadQuery(f"meta filter key {key!r} is not a name; use meta.<column>=<value>")
+            # json_each decodes keys; a JSON path ('$."key"') misses keys with quotes or non-ASCII.
+            pairs = func.json_each(Tile.meta).table_valued("key", "value")
+            stmt = stmt.where(select(1).where(pairs.c.key == key, cast(pairs.c.value, String) == str(value)).exists())
+        with self.session() as s:
+            return np.fromiter(s.scalars(stmt), dtype=np.int64)
+
+    def neighbours(self, tile_id: int, radius: int = 1) -> list[dict]:
+        """Tiles of the same slide and level within ``radius`` grid steps of the tile, itself included.
+
+        The grid step along each axis is the smallest distance from the tile to another x (or y) of
+        that slide and level, so it holds whatever pixel frame and stride the reader used. Each dict
+        is a :meth:`get_tiles` dict plus ``dx``/``dy`` in steps, ordered row by row. Tiles without a
+        slide or grid position have no neighbours: the answer is [].
+        """
+        with self.session() as s:
+            tile = s.get(Tile, tile_id)
+            if tile is None:
+                raise NotFound(f"no tile with id {tile_id}")
+            if tile.slide_id is None or tile.x is None or tile.y is None:
+                return []
+            x0, y0 = tile.x, tile.y
+            same = [
+                Tile.slide_id == tile.slide_id,
+                Tile.level.is_(None) if tile.level is None else Tile.level == tile.level,
+            ]
+            step_x = s.scalar(select(func.min(func.abs(Tile.x - x0))).where(*same, Tile.x != x0)) or 0
+            step_y = s.scalar(select(func.min(func.abs(Tile.y - y0))).where(*same, Tile.y != y0)) or 0
+            stmt = (
+                _tile_select()
+                .where(
+                    *same,
+                    Tile.x.between(x0 - radius * step_x, x0 + radius * step_x),
+                    Tile.y.between(y0 - radius * step_y, y0 + radius * step_y),
+                )
+                .order_by(Tile.y, Tile.x)
+            )
+            out = []
+            for row in s.execute(stmt):
+                item = _tile_dict(*row)
+                item["dx"] = round((item["x"] - x0) / step_x) if step_x else 0
+                item["dy"] = round((item["y"] - y0) / step_y) if step_y else 0
+                out.append(item)
+            return out
+
+    def facet_values(self, limit: int = 50) -> dict[str, list[str]]:
+        """Values for the UI's filter dropdowns: the first ``limit`` of each, sorted.
+
+        Keys: "sources" (uris), "slides", "cases", and "meta": {key: [values]} over the scalar
+        values of the tiles' meta. The meta part reads every tile, so callers should cache it.
+        """
+        je = func.json_each(Tile.meta).table_valued("key", "value", "type")
+        pairs = (
+            select(je.c.key, je.c.value)
+            .select_from(Tile)
+            .join(je, true())
+            .where(je.c.type.in_(["text", "integer", "real", "true", "false"]))
+            .distinct()
+            .subquery()
+        )
+        rank = func.row_number().over(partition_by=pairs.c.key, order_by=pairs.c.value).label("rank")
+        ranked = select(pairs.c.key, pairs.c.value, rank).subquery()
+        meta_stmt = (
+            select(ranked.c.key, ranked.c.value).where(ranked.c.rank <= limit).order_by(ranked.c.key, ranked.c.rank)
+        )
+        with self.session() as s:
+            meta: dict[str, list[str]] = {}
+            for key, value in s.execute(meta_stmt):
+                meta.setdefault(key, []).append(str(value))
+            return {
+                "sources": list(s.scalars(select(Source.uri).order_by(Source.uri).limit(limit))),
+                "slides": list(s.scalars(select(Slide.slide_key).order_by(Slide.slide_key).limit(limit))),
+                "cases": list(s.scalars(select(Case.case_key).order_by(Case.case_key).limit(limit))),
+                "meta": meta,
+            }
