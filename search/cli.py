@@ -230,7 +230,7 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from webui.app import serve
+    from webui.server import serve
 
     serve(settings)
     return 0

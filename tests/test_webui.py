@@ -10,9 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from search.engine.engine import Engine, Filters
+from search.engine.engine import Engine
+from search.engine.filters import Filters
 from tests.index_fixture import HOSTILE, build_index
-from webui import app as webapp
+from webui import server
 from webui.app import create_app
 
 
@@ -42,6 +43,31 @@ def _tile_ids(html: str) -> list[int]:
     return [int(i) for i in re.findall(r'data-tile-id="(\d+)"', html)]
 
 
+def _unlinked(answer, links: list[tuple[str, str, int]] | None = None):
+    """``answer`` without its ``*_url`` fields, which are collected in ``links`` as (field, url, tile id)."""
+    links = [] if links is None else links
+    if isinstance(answer, list):
+        return [_unlinked(item, links) for item in answer]
+    if not isinstance(answer, dict):
+        return answer
+    links += [(key, value, answer.get("tile_id")) for key, value in answer.items() if key.endswith("url")]
+    return {key: _unlinked(value, links) for key, value in answer.items() if not key.endswith("url")}
+
+
+def _twin(api_answer: dict, engine_answer: dict) -> list[tuple[str, str, int]]:
+    """Check that the API served the engine's answer with links added, and that every tile links to
+    its page and thumbnail; returns the links."""
+    links: list[tuple[str, str, int]] = []
+    assert _unlinked(api_answer, links) == engine_answer
+    expected = {"url": "/tiles/{}", "thumbnail_url": "/images/thumbs/{}.jpg", "image_url": "/images/tiles/{}.jpg"}
+    for key, url, tile_id in links:
+        assert url == expected[key].format(tile_id)
+    assert not [key for key, _, _ in links if key not in expected]
+    linked = {tile_id for key, _, tile_id in links if key == "url"}
+    assert linked == {tile_id for key, _, tile_id in links if key == "thumbnail_url"}
+    return links
+
+
 def _png(size: tuple[int, int] = (64, 64), colour: str = "purple") -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, "PNG")
@@ -52,7 +78,8 @@ def test_search_page_and_its_json_twin(client, engine):
     page = client.get("/", params={"q": "cribriform glands", "k": 12})
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     api = client.get("/api/search", params={"q": "cribriform glands", "k": 12})
-    assert api.json() == engine.search_text("cribriform glands", k=12)
+    links = _twin(api.json(), engine.search_text("cribriform glands", k=12))
+    assert {tile_id for _, _, tile_id in links} == {r["tile_id"] for r in api.json()["results"]}
     assert _tile_ids(page.text) == [r["tile_id"] for r in api.json()["results"]]
     for r in api.json()["results"]:
         assert f'href="/similar/{r["tile_id"]}"' in page.text
@@ -73,7 +100,7 @@ def test_similar_page_and_twin(client, engine, indexed):
     tile_id = indexed.ids["C1/C1-S1/tile_0_1.png"]
     page = client.get(f"/similar/{tile_id}")
     api = client.get(f"/api/similar/{tile_id}")
-    assert api.json() == engine.similar(tile_id)
+    _twin(api.json(), engine.similar(tile_id))
     assert _tile_ids(page.text) == [r["tile_id"] for r in api.json()["results"]]
     assert tile_id not in _tile_ids(page.text)
 
@@ -81,10 +108,12 @@ def test_similar_page_and_twin(client, engine, indexed):
 def test_cases_page_and_twin(client, engine, indexed):
     page = client.get("/cases", params={"q": "gland"})
     api = client.get("/api/cases", params={"q": "gland"})
-    assert api.json() == engine.cases(text="gland")
+    links = _twin(api.json(), engine.cases(text="gland"))
+    case_tiles = {t["tile_id"] for c in api.json()["results"] for s in c["slides"] for t in s["tiles"]}
+    assert case_tiles and {tile_id for _, _, tile_id in links} == case_tiles
     assert re.findall(r'data-case="([^"]+)"', page.text) == [c["case"] for c in api.json()["results"]]
     tile_id = indexed.ids["C2/C2-S1/t2.png"]
-    assert client.get("/api/cases", params={"tile": tile_id}).json() == engine.cases(tile_id=tile_id)
+    _twin(client.get("/api/cases", params={"tile": tile_id}).json(), engine.cases(tile_id=tile_id))
     assert client.get("/cases", params={"tile": tile_id}).status_code == 200
     assert client.get("/api/cases").status_code == 400
 
@@ -93,7 +122,10 @@ def test_tile_page_and_twins(client, engine, indexed):
     tile_id = indexed.ids["C1/C1-S1/tile_1_1.png"]
     page = client.get(f"/tiles/{tile_id}")
     assert page.status_code == 200
-    assert client.get(f"/api/tiles/{tile_id}").json() == engine.tile(tile_id)
+    tile = client.get(f"/api/tiles/{tile_id}").json()
+    links = _twin(tile, engine.tile(tile_id))
+    assert ("image_url", f"/images/tiles/{tile_id}.jpg", tile_id) in links
+    assert {n["tile_id"] for n in tile["neighbours"]} | {tile_id} == {i for key, _, i in links if key == "url"}
     describe = client.get(f"/api/tiles/{tile_id}/describe", params={"k": 4}).json()
     assert describe == engine.describe(tile_id=tile_id, k=4)
     assert f'src="/images/tiles/{tile_id}.jpg"' in page.text
@@ -143,15 +175,18 @@ def test_image_upload_finds_the_tile(client, engine, indexed):
     assert _tile_ids(page.text)[0] == indexed.ids[path]
     ref = api.json()["query"]["image"]
     assert client.get("/api/search", params={"image": ref, "k": 5}).json() == api.json()
+    _twin(api.json(), engine.search_image(ref, k=5))
     cases = client.post("/cases/image", files={"image": ("q.png", data, "image/png")}, follow_redirects=False)
     assert cases.status_code == 303 and "/cases?image=" in cases.headers["location"]
     assert client.get(cases.headers["location"]).status_code == 200
-    assert client.post("/api/cases/image", files={"image": ("q.png", data, "image/png")}).json()["results"]
+    posted_cases = client.post("/api/cases/image", files={"image": ("q.png", data, "image/png")}).json()
+    assert posted_cases["results"]
+    _twin(posted_cases, engine.cases(image=ref))
 
 
 def test_filters_are_get_parameters(client, engine):
     api = client.get("/api/search", params={"q": "gland", "k": 50, "case": "C2", "meta.organ": "colon", "slide": ""})
-    assert api.json() == engine.search_text("gland", k=50, filters=Filters(case="C2", meta={"organ": "colon"}))
+    _twin(api.json(), engine.search_text("gland", k=50, filters=Filters(case="C2", meta={"organ": "colon"})))
     assert {r["case"] for r in api.json()["results"]} == {"C2"}
     page = client.get("/", params={"q": "gland", "case": "C2"}).text
     assert '<option value="C2" selected>' in page
@@ -339,10 +374,10 @@ def test_serve_binds_loopback_by_default(indexed, monkeypatch, capsys):
 
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(kwargs))
-    webapp.serve(indexed.settings)
+    server.serve(indexed.settings)
     assert calls[0]["host"] == "127.0.0.1" and calls[0]["port"] == indexed.settings.port
     assert "warning" not in capsys.readouterr().err
-    webapp.serve(indexed.settings.model_copy(update={"host": "0.0.0.0"}))
+    server.serve(indexed.settings.model_copy(update={"host": "0.0.0.0"}))
     assert "without an access token" in capsys.readouterr().err
-    webapp.serve(indexed.settings.model_copy(update={"host": "0.0.0.0", "auth_token": "t"}))
+    server.serve(indexed.settings.model_copy(update={"host": "0.0.0.0", "auth_token": "t"}))
     assert "warning" not in capsys.readouterr().err

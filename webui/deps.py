@@ -1,30 +1,18 @@
-"""What the routes share: the engine and settings as dependencies, filters, uploads and page rendering."""
+"""What the routes depend on: the engine and settings, query filters and the uploaded image."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
-from urllib.parse import urlencode
+from typing import Annotated
 
 from fastapi import Depends, File, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse
 from PIL import Image
 
 from search.archives.decode import decode_image
 from search.core.errors import PayloadTooLarge
 from search.core.settings import Settings
-from search.engine.engine import Engine, Filters, filters_from
-
-K_CHOICES = (12, 24, 48, 96)
-DEFAULT_K = 24
-EXAMPLE_QUERIES = (
-    "cribriform glands with comedonecrosis",
-    "signet ring cells infiltrating the stroma",
-    "dense tumour-infiltrating lymphocytes",
-    "geographic necrosis with nuclear debris",
-    "mitotic figures in sheets of pleomorphic cells",
-    "normal colonic mucosa with goblet cells",
-)
+from search.engine.engine import Engine
+from search.engine.filters import Filters, filters_from
 
 
 def get_engine(request: Request) -> Engine:
@@ -66,41 +54,3 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 FiltersDep = Annotated[Filters, Depends(get_filters)]
 FormFiltersDep = Annotated[Filters, Depends(get_form_filters)]
 UploadedImage = Annotated[Image.Image, Depends(get_uploaded_image)]
-
-
-def filter_params(filters: Filters) -> dict[str, str]:
-    """The query parameters that reproduce ``filters``."""
-    params = {name: getattr(filters, name) for name in ("source", "slide", "case") if getattr(filters, name)}
-    params.update({f"meta.{key}": value for key, value in filters.meta.items()})
-    return params
-
-
-def url_with(path: str, **params: Any) -> str:
-    """``path`` with the given query parameters; None values are left out."""
-    query = urlencode({key: value for key, value in params.items() if value is not None})
-    return f"{path}?{query}" if query else path
-
-
-def page_urls(request: Request, result: dict) -> tuple[str | None, str | None]:
-    """Previous and next page links of a ranked result, keeping every other query parameter."""
-    k, offset = result["k"], result["offset"]
-    params = dict(request.query_params)
-    prev_url = next_url = None
-    if offset > 0:
-        prev_url = url_with(request.url.path, **{**params, "offset": max(0, offset - k)})
-    if len(result["results"]) == k and offset + k < result["total"]:
-        next_url = url_with(request.url.path, **{**params, "offset": offset + k})
-    return prev_url, next_url
-
-
-def render(request: Request, template: str, context: dict, status_code: int = 200) -> HTMLResponse:
-    """A page from ``template``; the context never carries the settings (they hold the auth token)."""
-    settings = get_settings(request)
-    base = {
-        "auth_enabled": settings.auth_token is not None,
-        "max_query_chars": settings.max_query_chars,
-        "page": "",
-    }
-    if isinstance(context.get("k"), int):
-        base["k_choices"] = sorted({*(c for c in K_CHOICES if c <= settings.max_k), context["k"]})
-    return request.app.state.templates.TemplateResponse(request, template, {**base, **context}, status_code=status_code)

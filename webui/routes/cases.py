@@ -9,7 +9,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 
 from search.core.errors import BadQuery
 
-from ..deps import EngineDep, FiltersDep, FormFiltersDep, UploadedImage, filter_params, render, url_with
+from ..deps import EngineDep, FiltersDep, FormFiltersDep, UploadedImage
+from ..pages import render
+from ..urls import cases_links, filter_params, url_with
 
 router = APIRouter()
 
@@ -38,12 +40,7 @@ def cases_page(
     elif image:
         context.update(mode="image", result=engine.cases(image=image, **options))
     elif tile is not None:
-        context.update(mode="similar", result=engine.cases(tile_id=tile, **options))
-        context["query_tile"] = {
-            "tile_id": tile,
-            "url": f"/tiles/{tile}",
-            "thumbnail_url": f"/images/thumbs/{tile}.jpg",
-        }
+        context.update(mode="similar", result=engine.cases(tile_id=tile, **options), query_tile=tile)
     return render(request, "cases.html", context)
 
 
@@ -69,7 +66,10 @@ def api_cases(
     """Cases ranked by the mean score of their best tiles among the nearest ``top_tiles`` (one of q, image, tile)."""
     if sum(x is not None for x in (q, image, tile)) != 1:
         raise BadQuery("give exactly one of q=<text>, image=<reference> or tile=<tile id>")
-    return engine.cases(text=q, image=image, tile_id=tile, top_tiles=top_tiles, per_case=per_case, k=k, filters=filters)
+    result = engine.cases(
+        text=q, image=image, tile_id=tile, top_tiles=top_tiles, per_case=per_case, k=k, filters=filters
+    )
+    return cases_links(result)
 
 
 @router.post("/api/cases/image", tags=["cases"])
@@ -82,4 +82,4 @@ def api_cases_image(
     per_case: Annotated[int, Form(ge=1)] = 3,
 ) -> dict:
     """Cases like an uploaded patch (multipart field ``image``)."""
-    return engine.cases(image=image, top_tiles=top_tiles, per_case=per_case, k=k, filters=filters)
+    return cases_links(engine.cases(image=image, top_tiles=top_tiles, per_case=per_case, k=k, filters=filters))

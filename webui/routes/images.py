@@ -5,12 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
+from search.engine.tiles import RENDER_VERSION
+
 from ..deps import EngineDep, SettingsDep
 
 router = APIRouter()
-
-# Bump when the rendering of tiles or thumbnails changes, so browsers fetch the new versions.
-RENDER_VERSION = 1
 
 
 async def _image(request: Request, engine: EngineDep, settings: SettingsDep, tile_id: int, thumbnail: bool) -> Response:

@@ -9,7 +9,8 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from ..deps import SettingsDep, render
+from ..deps import SettingsDep
+from ..pages import render
 
 router = APIRouter(include_in_schema=False)
 

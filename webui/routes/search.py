@@ -9,18 +9,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 
 from search.core.errors import BadQuery
 
-from ..deps import (
-    DEFAULT_K,
-    EXAMPLE_QUERIES,
-    EngineDep,
-    FiltersDep,
-    FormFiltersDep,
-    UploadedImage,
-    filter_params,
-    page_urls,
-    render,
-    url_with,
-)
+from ..copy import EXAMPLE_QUERIES
+from ..deps import EngineDep, FiltersDep, FormFiltersDep, UploadedImage
+from ..pages import DEFAULT_K, render
+from ..urls import filter_params, page_urls, ranked_links, url_with
 
 router = APIRouter()
 
@@ -76,11 +68,7 @@ def similar_page(
         "examples": EXAMPLE_QUERIES,
         "facets": engine.facets(),
         "mode": "similar",
-        "query_tile": {
-            "tile_id": tile_id,
-            "url": f"/tiles/{tile_id}",
-            "thumbnail_url": f"/images/thumbs/{tile_id}.jpg",
-        },
+        "query_tile": tile_id,
         "cases_url": url_with("/cases", tile=tile_id, **filter_params(filters)),
         "result": result,
         "prev_url": prev_url,
@@ -102,9 +90,9 @@ def api_search(
 
     Filters: ``source``, ``slide``, ``case`` and ``meta.<key>=<value>`` query parameters."""
     if q is not None:
-        return engine.search_text(q, k, offset, filters)
+        return ranked_links(engine.search_text(q, k, offset, filters))
     if image:
-        return engine.search_image(image, k, offset, filters)
+        return ranked_links(engine.search_image(image, k, offset, filters))
     raise BadQuery("give q=<morphology description> or image=<reference from POST /api/search/image>")
 
 
@@ -117,10 +105,10 @@ def api_search_image(
     offset: Annotated[int, Form(ge=0)] = 0,
 ) -> dict:
     """Tiles ranked by similarity to an uploaded image (multipart field ``image``)."""
-    return engine.search_image(image, k, offset, filters)
+    return ranked_links(engine.search_image(image, k, offset, filters))
 
 
 @router.get("/api/similar/{tile_id}", tags=["search"])
 def api_similar(engine: EngineDep, filters: FiltersDep, tile_id: int, k: K = DEFAULT_K, offset: Offset = 0) -> dict:
     """Tiles like an indexed tile, from its stored embedding; the tile itself is left out."""
-    return engine.similar(tile_id, k, offset, filters)
+    return ranked_links(engine.similar(tile_id, k, offset, filters))

@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-from ..deps import EngineDep, render
+from ..deps import EngineDep
+from ..pages import render
 
 router = APIRouter()
 

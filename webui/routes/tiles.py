@@ -9,7 +9,9 @@ from fastapi.responses import HTMLResponse
 
 from search.core.errors import HistosearchError
 
-from ..deps import EngineDep, render
+from ..deps import EngineDep
+from ..pages import render
+from ..urls import tile_links
 
 router = APIRouter()
 
@@ -40,7 +42,7 @@ def tile_page(request: Request, engine: EngineDep, tile_id: int, corpus: Corpus 
 @router.get("/api/tiles/{tile_id}", tags=["tiles"])
 def api_tile(engine: EngineDep, tile_id: int) -> dict:
     """A tile's metadata and, for whole-slide tiles, its neighbours on the same slide and level."""
-    return engine.tile(tile_id)
+    return tile_links(engine.tile(tile_id))
 
 
 @router.get("/api/tiles/{tile_id}/describe", tags=["tiles"])
