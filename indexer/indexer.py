@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,12 @@ class RunReport:
         return "\n".join(lines)
 
 
+@dataclass
+class _Job:
+    id: int
+    message: str | None = None
+
+
 @dataclass(frozen=True)
 class _Work:
     entry: TileEntry
@@ -116,33 +123,41 @@ class Indexer:
         """Bring the given sources (all known ones when None) up to date, then publish a fresh index."""
         lock = self.lock(wait)
         try:
-            self.store.mark_stale_jobs_interrupted()
             if paths is None:
                 paths = [Path(s["uri"]) for s in self.store.sources()]
             args = {"paths": [str(p) for p in paths], "manifest": str(manifest) if manifest else None}
-            job_id = self.store.start_job(kind, args)
-            report = RunReport(job_id)
-            try:
+            with self._job(kind, args) as job:
+                report = RunReport(job.id)
                 manifest_obj = Manifest.load(manifest) if manifest else None
                 fingerprint = self.encoder.fingerprint
                 changed = False
                 for path in paths:
-                    source = self._sync_source(Path(path), manifest, manifest_obj, job_id)
+                    source = self._sync_source(Path(path), manifest, manifest_obj, job.id)
                     report.sources.append(source)
                     changed |= bool(source.new or source.changed or source.reembedded or source.removed)
                 report.texts_embedded = self._sync_texts(fingerprint)
                 report.build = self.build_index(force=changed)
-            except KeyboardInterrupt:
-                self.store.finish_job(job_id, "interrupted", "interrupted by the user")
-                raise
-            except Exception as exc:
-                self.store.finish_job(job_id, "failed", str(exc))
-                raise
-            self.store.finish_job(job_id, "done", report.summary())
+                job.message = report.summary()
             return report
         finally:
             self._close_pool()
             lock.release()
+
+    @contextmanager
+    def _job(self, kind: str, args: dict) -> Iterator[_Job]:
+        """A row in ``jobs`` for the run in the block (status, `histosearch status`): done with ``job.message``
+        when the block ends, failed or interrupted when it raises."""
+        self.store.mark_stale_jobs_interrupted()
+        job = _Job(self.store.start_job(kind, args))
+        try:
+            yield job
+        except KeyboardInterrupt:
+            self.store.finish_job(job.id, "interrupted", "interrupted by the user")
+            raise
+        except Exception as exc:
+            self.store.finish_job(job.id, "failed", str(exc))
+            raise
+        self.store.finish_job(job.id, "done", job.message)
 
     # --- sources ---------------------------------------------------------------------------------
 
@@ -372,10 +387,12 @@ class Indexer:
         """Add caption / term corpora (txt, csv, jsonl) for image -> text search."""
         lock = self.lock(wait)
         try:
-            added = 0
-            for path in files:
-                added += self._add_texts(corpus or Path(path).stem, load_corpus(Path(path)))
-            self._sync_texts(self.encoder.fingerprint)
+            with self._job("index-texts", {"files": [str(p) for p in files], "corpus": corpus}) as job:
+                added = 0
+                for path in files:
+                    added += self._add_texts(corpus or Path(path).stem, load_corpus(Path(path)))
+                self._sync_texts(self.encoder.fingerprint)
+                job.message = f"{added} texts added"
             return added
         finally:
             lock.release()
@@ -448,8 +465,16 @@ class _Identities:
         slide_id = None
         if slide_key:
             if slide_key not in self._slides:
+                # A whole slide's level-0 scale and size come from the slide; a folder of tiles has none.
+                info = entry.slide_info
                 self._slides[slide_key] = self.store.upsert_slide(
-                    slide_key, self.source_id, case_id, entry.slide_path or str(Path(entry.path).parent)
+                    slide_key,
+                    self.source_id,
+                    case_id,
+                    entry.slide_path or str(Path(entry.path).parent),
+                    mpp=info.mpp if info else None,
+                    width=info.width if info else None,
+                    height=info.height if info else None,
                 )
             slide_id = self._slides[slide_key]
         return {

@@ -1,33 +1,59 @@
-"""The `histosearch` command line: one subcommand per job, all reading the one Settings object."""
+"""The `histosearch` command line: one subcommand per job, all reading the one Settings object.
+
+The CLI sits on top of every layer (docs/architecture.md) and imports each one only inside the
+commands that use it, so `histosearch --help` or `model info` never loads FAISS, the web app or
+the indexer. Options that override a setting are declared with ``_setting_option``, which takes the
+type and choices from the Settings model and names the setting as the option's dest.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import types
+import typing
 from pathlib import Path
-
-import numpy as np
-from PIL import Image, UnidentifiedImageError
+from typing import TYPE_CHECKING, Literal
 
 from search.core.errors import BadInput, HistosearchError
 from search.core.settings import Settings, load_settings
 
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from search.engine.engine import Filters
+
+
+def _setting_option(parser: argparse._ActionsContainer, field: str, *flags: str, help: str) -> None:
+    """An option that overrides the setting ``field``: its type (or choices) comes from the Settings model."""
+    annotation = Settings.model_fields[field].annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    kwargs: dict = {}
+    if typing.get_origin(annotation) is Literal:
+        kwargs["choices"] = list(typing.get_args(annotation))
+    elif annotation in (str, int, float, Path):
+        kwargs["type"] = annotation
+    else:
+        raise TypeError(f"setting {field}: no command line option for a {annotation!r} value")
+    env = f"HISTOSEARCH_{field.upper()}"
+    parser.add_argument(*(flags or (f"--{field.replace('_', '-')}",)), dest=field, help=f"{help}; env {env}", **kwargs)
+
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model-config", dest="model", help="config name (conch_ViT-B-16, conch_tiny) or JSON file")
-    group.add_argument("--checkpoint", type=Path, help="pytorch_model.bin or .safetensors")
-    group.add_argument("--tokenizer", type=Path, help="CONCH tokenizer JSON file")
-    group.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    group.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="fp32 (default); bf16/fp16 on GPU")
-    group.add_argument("--batch-size", type=int)
+    _setting_option(group, "model", "--model-config", help="config name (conch_ViT-B-16, conch_tiny) or JSON file")
+    _setting_option(group, "checkpoint", help="pytorch_model.bin or .safetensors")
+    _setting_option(group, "tokenizer", help="CONCH tokenizer JSON file")
+    _setting_option(group, "device", help="auto (default), cpu, cuda, cuda:N")
+    _setting_option(group, "dtype", help="fp32 (default); bf16/fp16 on GPU")
+    _setting_option(group, "batch_size", help="images per encoder batch")
 
 
 def _settings_from(args: argparse.Namespace) -> Settings:
-    keys = ("data_dir", "model", "checkpoint", "tokenizer", "device", "dtype", "batch_size", "workers", "index_type")
-    keys += ("host", "port", "auth_token")
-    return load_settings(**{k: getattr(args, k) for k in keys if getattr(args, k, None) is not None})
+    """The settings, with every option whose dest names a setting (see ``_setting_option``) as an override."""
+    return load_settings(**{k: getattr(args, k, None) for k in Settings.model_fields})
 
 
 def _image_files(paths: list[Path]) -> list[Path]:
@@ -44,16 +70,24 @@ def _image_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def _read_image(path: Path) -> Image.Image:
+def _read_image(path: Path, settings: Settings) -> Image.Image:
+    """An image given on the command line, through the safe decoder: size and pixel limits before decoding."""
+    from search.archives.decode import decode_image
+    from search.archives.readers.base import byte_limit
+
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise BadInput(f"{path}: not a readable image ({exc})") from None
+        size = path.stat().st_size
+        if size > byte_limit(settings):
+            raise BadInput(f"{path}: {size} bytes is larger than any image within max_image_pixels")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return decode_image(data, str(path), settings.max_image_pixels)
 
 
 def cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
+    import numpy as np
+
     from search.conch.encoder import DEFAULT_TEMPLATES, Encoder
 
     images = _image_files(args.image or [])
@@ -70,7 +104,7 @@ def cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
     if out.suffix == ".npy" and images and texts:
         raise BadInput(f"{out}: one .npy holds one matrix; write images and texts to .npz or .json")
     encoder = Encoder.from_settings(settings)
-    image_emb = encoder.encode_images([_read_image(p) for p in images], project=not args.unprojected)
+    image_emb = encoder.encode_images([_read_image(p, settings) for p in images], project=not args.unprojected)
     text_emb = encoder.encode_texts(texts, templates=DEFAULT_TEMPLATES if args.ensemble else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
@@ -192,7 +226,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _filters(args: argparse.Namespace):
+def _filters(args: argparse.Namespace) -> Filters:
     from search.engine.engine import Filters
 
     meta = {}
@@ -212,7 +246,7 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     if (args.text is None) == (args.image is None):
         raise BadInput('give a text ("cribriform glands") or --image FILE, not both')
     if args.image is not None:
-        result = engine.search_image(_read_image(args.image), k=args.k, filters=filters)
+        result = engine.search_image(_read_image(args.image, settings), k=args.k, filters=filters)
     else:
         result = engine.search_text(args.text, k=args.k, filters=filters)
     if args.json:
@@ -239,16 +273,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 def _index_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait", action="store_true", help="wait for another running indexer instead of stopping")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--workers", type=int, help="decode worker processes (0: decode in the main process)")
-    parser.add_argument(
-        "--index-type", choices=["auto", "flat", "ivf", "ivfpq", "hnsw"], help="FAISS index type (default auto)"
-    )
+    _setting_option(parser, "workers", help="decode worker processes (0: decode in the main process)")
+    _setting_option(parser, "index_type", help="FAISS index type (default auto)")
     _model_options(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="histosearch", description="Search pathology tile archives with CONCH.")
-    parser.add_argument("--data-dir", type=Path, help="where the index lives (HISTOSEARCH_DATA_DIR)")
+    _setting_option(parser, "data_dir", help="where the index lives")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     model = sub.add_parser("model", help="get or inspect the CONCH weights")
@@ -311,9 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     query.set_defaults(func=cmd_query)
 
     serve = sub.add_parser("serve", help="open the web UI (http://127.0.0.1:8000 by default)")
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default 8000)")
-    serve.add_argument("--auth-token", help="require this token (HISTOSEARCH_AUTH_TOKEN)")
+    _setting_option(serve, "host", help="address to bind (default 127.0.0.1)")
+    _setting_option(serve, "port", help="port (default 8000)")
+    _setting_option(serve, "auth_token", help="require this token")
     _model_options(serve)
     serve.set_defaults(func=cmd_serve)
     return parser

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from indexer.indexer import Indexer
-from search.cli import main
+from indexer.texts import builtin_vocabulary
+from search.cli import _setting_option, _settings_from, build_parser, main
+from search.core.settings import Settings
 from search.engine.engine import Engine
 from tests.archives import make_tiles
 
@@ -86,3 +92,84 @@ def test_a_running_engine_follows_a_reindex_without_restart(tiny_settings, tiny_
         assert result["total"] == 7 and result["results"][0]["path"] == "extra_2.tif"
     finally:
         engine.close()
+
+
+def test_index_texts_runs_as_a_job(cli, tmp_path, capsys):
+    terms = tmp_path / "terms.txt"
+    terms.write_text("tumour necrosis\nfat\n")
+    assert cli("index-texts", str(terms), "--corpus", "mine", "--quiet") == 0
+    assert capsys.readouterr().out.strip() == "added 2 texts"
+    assert cli("status", "--json") == 0
+    status = json.loads(capsys.readouterr().out)
+    job = status["last_job"]
+    assert (job["kind"], job["status"], job["message"]) == ("index-texts", "done", "2 texts added")
+    assert job["args"] == {"files": [str(terms)], "corpus": "mine"}
+    assert status["running_job"] is None
+    assert status["counts"]["texts"] == len(builtin_vocabulary()) + 2
+
+    bad = tmp_path / "terms.doc"
+    bad.write_text("x")
+    assert cli("index-texts", str(bad)) == 2
+    assert "terms.doc" in capsys.readouterr().err
+    assert cli("status") == 0
+    assert f"last run: index-texts job {job['id'] + 1} failed" in capsys.readouterr().out
+
+
+# Each option that overrides a setting: the setting, its command line, and the typed value it must give.
+SETTING_FLAGS = {
+    "data_dir": (["--data-dir", "/tmp/hs", "serve"], Path("/tmp/hs")),
+    "host": (["serve", "--host", "0.0.0.0"], "0.0.0.0"),
+    "port": (["serve", "--port", "9001"], 9001),
+    "auth_token": (["serve", "--auth-token", "s3cret"], "s3cret"),
+    "model": (["query", "--model-config", "conch_tiny"], "conch_tiny"),
+    "checkpoint": (["query", "--checkpoint", "w.bin"], Path("w.bin")),
+    "tokenizer": (["embed", "-o", "x.npy", "--tokenizer", "t.json"], Path("t.json")),
+    "device": (["status", "--device", "cuda:1"], "cuda:1"),
+    "dtype": (["index", "p", "--dtype", "bf16"], "bf16"),
+    "batch_size": (["index", "p", "--batch-size", "7"], 7),
+    "workers": (["reindex", "--workers", "3"], 3),
+    "index_type": (["remove", "p", "--index-type", "hnsw"], "hnsw"),
+}
+
+
+def _setting_dests(parser: argparse.ArgumentParser) -> set[str]:
+    dests = {a.dest for a in parser._actions if a.dest in Settings.model_fields}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                dests |= _setting_dests(sub)
+    return dests
+
+
+@pytest.mark.parametrize("field", list(SETTING_FLAGS))
+def test_every_setting_option_overrides_its_setting_with_the_models_type(field, monkeypatch):
+    monkeypatch.delenv(f"HISTOSEARCH_{field.upper()}", raising=False)
+    argv, expected = SETTING_FLAGS[field]
+    settings = _settings_from(build_parser().parse_args(argv))
+    assert getattr(settings, field) == expected and type(getattr(settings, field)) is type(expected)
+    assert getattr(settings, field) != Settings.model_fields[field].default
+
+
+def test_the_setting_options_are_exactly_those_listed():
+    assert _setting_dests(build_parser()) == set(SETTING_FLAGS)
+
+
+def test_setting_options_take_choices_and_ranges_from_the_model(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["index", "p", "--index-type", "annoy"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'annoy'" in err and "'ivfpq'" in err
+    assert main(["serve", "--port", "70000"]) == 2
+    assert "port" in capsys.readouterr().err
+    with pytest.raises(TypeError, match="setting compile"):
+        _setting_option(argparse.ArgumentParser(), "compile", help="bool settings need a flag design first")
+
+
+def test_the_cli_loads_no_lower_layer_until_a_command_needs_it():
+    code = (
+        "import sys; from search.cli import build_parser; build_parser().parse_args(['status']); "
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'search', 'indexer', 'webui', 'migrations', 'torch', 'numpy', 'PIL', 'faiss', 'sqlalchemy', 'fastapi'})))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == ["search", "search.cli", "search.core", "search.core.errors", "search.core.settings"]

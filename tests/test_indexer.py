@@ -45,6 +45,13 @@ def _tiles(store: Store) -> dict[str, dict]:
     return {t["locator"]: t for t in store.get_tiles(list(map(int, ids)))}
 
 
+def _slides(settings) -> dict[str, tuple]:
+    """slide_key -> (path, mpp, width, height), read from the database file as any SQLite client would."""
+    with sqlite3.connect(settings.db_path) as db:
+        rows = db.execute("SELECT slide_key, path, mpp, width, height FROM slides").fetchall()
+    return {key: tuple(rest) for key, *rest in rows}
+
+
 def _live_index(settings) -> VectorIndex:
     directory = IndexDirectory(settings.data_dir / "index")
     return VectorIndex.load(directory.build_path(directory.live_build_id()))
@@ -100,6 +107,8 @@ def test_whole_slide_tiles_keep_position(indexer, tiny_settings, tmp_path):
     # Tissue only: every tile lies over the tissue rectangle (tile size 64 at 0.5 um/px = 128 level-0 px).
     assert all(128 <= t["x"] < 768 and 128 <= t["y"] < 768 for t in tiles)
     assert indexer.store.neighbours(tiles[0]["id"])
+    # The slide row carries the scan's level-0 scale and size, not the tiles' scale.
+    assert _slides(tiny_settings) == {"S1": ("S1.tiff", 0.25, 1024, 1024)}
 
 
 def test_reindex_adds_removes_and_changes(indexer, tiny_encoder, tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import tifffile
 
 from search.archives.readers import FolderReader, Skipped, SlideReader, TileEntry, open_reader
+from search.archives.readers.base import SlideInfo
 from search.archives.readers.slide import otsu_threshold, parse_locator, plan_tiles, tissue_from_rgb
 from search.core.errors import BadInput
 from search.core.settings import load_settings
@@ -59,6 +60,7 @@ def test_tiles_cover_exactly_the_tissue(slide):
         assert e.path == e.slide_path == "s.tif"
         assert e.locator == f"s.tif@L1:{e.x},{e.y}:64"
         assert e.fingerprint.endswith(f":L1:{e.x},{e.y}:64")
+        assert e.slide_info == SlideInfo(width=2048, height=2048, mpp=0.25)
     assert [(e.y, e.x) for e in entries] == sorted((e.y, e.x) for e in entries)
 
 
@@ -126,6 +128,7 @@ def test_a_slide_without_mpp_is_tiled_at_level_0(bare_slide):
         assert openslide.PROPERTY_NAME_MPP_X not in s.properties
     entries = tiles_of(open_reader(bare_slide, settings(target_mpp=0.5)))
     assert {(e.level, e.size, e.mpp) for e in entries} == {(0, 64, None)}
+    assert {e.slide_info for e in entries} == {SlideInfo(width=2048, height=2048, mpp=None)}
     assert {(e.x, e.y) for e in entries} == grid_inside(64)
 
 
@@ -163,6 +166,8 @@ def test_a_folder_tiles_the_slides_it_holds(tmp_path, slide):
     slide_tiles = [e for e in entries if e.slide_path is not None]
     assert {(e.x, e.y) for e in slide_tiles} == grid_inside(128)
     assert {e.path for e in slide_tiles} == {"case1/s.tif"}
+    assert {e.slide_info for e in slide_tiles} == {SlideInfo(width=2048, height=2048, mpp=0.25)}
+    assert all(e.slide_info is None for e in entries if e.slide_path is None)
     locator = slide_tiles[0].locator
     assert parse_locator(locator).slide == "case1/s.tif"
     assert reader.read(locator).size == (64, 64)

@@ -29,6 +29,15 @@ _MAX_OPEN_HANDLES = 8
 
 
 @dataclass(frozen=True)
+class SlideInfo:
+    """A whole slide's level-0 size in pixels and scale (None when its metadata has none)."""
+
+    width: int
+    height: int
+    mpp: float | None
+
+
+@dataclass(frozen=True)
 class TileEntry:
     """One tile as listed by ``Reader.scan``; WSI fields stay None for plain image files."""
 
@@ -41,6 +50,8 @@ class TileEntry:
     size: int | None = None
     mpp: float | None = None
     slide_path: str | None = None
+    # The whole slide the tile was cut from (one shared object per slide).
+    slide_info: SlideInfo | None = None
     # Sidecar metadata (WebDataset ``key.json``/``key.cls``...), values as strings.
     meta: dict[str, str] = field(default_factory=dict, hash=False)
 

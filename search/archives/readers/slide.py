@@ -30,7 +30,7 @@ from PIL import Image
 from search.core.errors import BadInput
 from search.core.settings import Settings
 
-from .base import Reader, Skipped, TileEntry
+from .base import Reader, Skipped, SlideInfo, TileEntry
 
 # Extensions that only slides use; a .tif/.tiff is a slide only when it is pyramidal (is_slide_tiff).
 SLIDE_EXTENSIONS = frozenset({".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"})
@@ -218,6 +218,7 @@ def slide_tiles(path: Path, rel: str, settings: Settings) -> Iterator[TileEntry 
             yield Skipped(rel, f"OpenSlide failed while finding tissue ({exc})")
             return
         w0, h0 = slide.dimensions
+        info = SlideInfo(width=w0, height=h0, mpp=slide_mpp(slide))
     nx, ny = math.ceil(w0 / plan.step), math.ceil(h0 / plan.step)
     fractions = tissue_fractions(mask, sx, sy, plan.step, nx, ny)
     stat = path.stat()
@@ -235,6 +236,7 @@ def slide_tiles(path: Path, rel: str, settings: Settings) -> Iterator[TileEntry 
             size=plan.size,
             mpp=plan.mpp,
             slide_path=rel,
+            slide_info=info,
         )
 
 
