@@ -61,3 +61,22 @@ def test_every_route_is_in_the_api_doc(tmp_path):
     assert {"/", "/cases", "/tiles/{tile_id}", "/api/search"} <= paths
     for path in paths - {"/openapi.json", "/static"}:
         assert f"`{path}" in api_doc or f" {path}`" in api_doc or f" {path}?" in api_doc, f"{path} missing"
+
+
+def test_every_error_code_is_in_the_api_doc():
+    from search.core.errors import HistosearchError
+
+    api_doc = (ROOT / "docs" / "api.md").read_text()
+
+    def subclasses(cls: type) -> list[type]:
+        return [sub for child in cls.__subclasses__() for sub in (child, *subclasses(child))]
+
+    # The error hierarchy's codes, and those the web layer renders for framework errors (webui/).
+    codes = {cls.code for cls in subclasses(HistosearchError)} | {
+        "validation",
+        "method_not_allowed",
+        "http_error",
+        "internal",
+    }
+    for code in codes:
+        assert f"`{code}`" in api_doc, f"error code {code!r} missing from docs/api.md"
