@@ -22,7 +22,7 @@ from search.core.settings import Settings, load_settings
 if TYPE_CHECKING:
     from PIL import Image
 
-    from search.engine.engine import Filters
+    from search.engine.filters import Filters
 
 
 def _setting_option(parser: argparse._ActionsContainer, field: str, *flags: str, help: str) -> None:
@@ -103,8 +103,10 @@ def cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
         raise BadInput(f"{out}: the output must end in .npy, .npz or .json")
     if out.suffix == ".npy" and images and texts:
         raise BadInput(f"{out}: one .npy holds one matrix; write images and texts to .npz or .json")
+    # Bad images stop the command before the model loads.
+    pixels = [_read_image(p, settings) for p in images]
     encoder = Encoder.from_settings(settings)
-    image_emb = encoder.encode_images([_read_image(p, settings) for p in images], project=not args.unprojected)
+    image_emb = encoder.encode_images(pixels, project=not args.unprojected)
     text_emb = encoder.encode_texts(texts, templates=DEFAULT_TEMPLATES if args.ensemble else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
@@ -227,7 +229,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _filters(args: argparse.Namespace) -> Filters:
-    from search.engine.engine import Filters
+    from search.engine.filters import Filters
 
     meta = {}
     for item in args.meta or []:

@@ -111,3 +111,13 @@ def test_embed_refuses_an_image_claiming_too_many_pixels(tmp_path, tiny_model_ar
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{bomb}: " in err and "too many pixels" in err
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_embed_refuses_a_file_too_big_to_be_an_image_within_the_limit(tmp_path, capsys, monkeypatch):
+    # max_image_pixels=1 allows files up to 4 bytes + 1 MiB of headers; no model is loaded to find that out.
+    monkeypatch.setenv("HISTOSEARCH_MAX_IMAGE_PIXELS", "1")
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * (2 << 20))
+    assert main(["embed", "--image", str(big), "-o", str(tmp_path / "x.npy"), "--checkpoint", "/nonexistent.bin"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{big}: {2 << 20} bytes is larger than any image" in err
