@@ -21,6 +21,7 @@ from tests.store_fixture import db_url
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = {
+    "eval_runs",
     "sources",
     "cases",
     "slides",

@@ -165,3 +165,19 @@ class MetaItem(Base):
 
     key: Mapped[str] = mapped_column(String, primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class EvalRun(Base):
+    """One `histosearch eval` run: what was measured (dataset hash, model, build, settings) and the report."""
+
+    __tablename__ = "eval_runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created_at: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String)
+    dataset_name: Mapped[str] = mapped_column(String)
+    dataset_hash: Mapped[str] = mapped_column(String, index=True)
+    model_fingerprint: Mapped[str] = mapped_column(String)
+    build_id: Mapped[int | None] = mapped_column(ForeignKey("builds.id", ondelete="SET NULL"))
+    settings: Mapped[dict[str, Any]]
+    report: Mapped[dict[str, Any]]

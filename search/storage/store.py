@@ -1,6 +1,6 @@
-"""The SQLite store: sources, slides, tiles and their embeddings, texts, index builds, jobs.
+"""The SQLite store: sources, slides, tiles and their embeddings, texts, index builds, jobs, evaluation runs.
 
-:class:`Store` combines one repository per noun (``sources``, ``tiles``, ``texts``, ``jobs``) over one
+:class:`Store` combines one repository per noun (``sources``, ``tiles``, ``texts``, ``jobs``, ``eval_runs``) over one
 engine. Opening a database runs the Alembic migrations (``database.upgrade``), so the schema in
 ``schema.py`` changes only through the ``migrations`` package. A tile and its embedding are written
 in one transaction, so a killed indexer loses nothing and duplicates nothing, and a new FAISS index
@@ -15,6 +15,7 @@ from sqlalchemy import func, make_url, select
 
 from search.core.errors import ConfigError
 from search.storage.database import BEGIN_OPTION, create_db_engine, upgrade
+from search.storage.eval_runs import EvalRunRepository
 from search.storage.jobs import JobRepository
 from search.storage.schema import Case, Embedding, Slide, Source, TextItem, Tile
 from search.storage.sources import SourceRepository
@@ -24,7 +25,7 @@ from search.storage.tiles import TileRepository, TileState
 __all__ = ["Store", "TileState"]
 
 
-class Store(SourceRepository, TileRepository, TextRepository, JobRepository):
+class Store(SourceRepository, TileRepository, TextRepository, JobRepository, EvalRunRepository):
     """All reads and writes of the histosearch database; one instance per process is enough."""
 
     def __init__(self, db_url: str) -> None:

@@ -173,6 +173,16 @@ class TileRepository(Repository):
                     found[row[0].id] = _tile_dict(*row)
         return [found[i] for i in (int(i) for i in tile_ids) if i in found]
 
+    def tile_ids_by_content_hash(self, hashes: list[str]) -> dict[str, int]:
+        """The lowest tile id holding each content hash (an image indexed twice has two tiles); absent
+        hashes are left out."""
+        found: dict[str, int] = {}
+        with self.session() as s:
+            for chunk in chunks(hashes):
+                stmt = select(Tile.content_hash, func.min(Tile.id)).where(Tile.content_hash.in_(chunk))
+                found.update((h, i) for h, i in s.execute(stmt.group_by(Tile.content_hash)))
+        return found
+
     def tile_ids_matching(
         self,
         source: str | int | None = None,
