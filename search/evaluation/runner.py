@@ -27,8 +27,9 @@ from search.evaluation.datasets import load_classes, load_labelled, load_pairs
 from search.evaluation.embeddings import EmbeddingCache, cached_image_vectors, indexed_vectors
 from search.evaluation.ranking import rank_exact, rank_index
 from search.evaluation.reports import pairs_report, retrieval_report, zero_shot_report
+from search.storage.index_directory import IndexDirectory
 from search.storage.store import Store
-from search.storage.vectors import IndexDirectory, LiveIndex, VectorIndex
+from search.storage.vectors import LiveIndex, VectorIndex
 
 Mode = Literal["exact", "index"]
 PAIR_KS = (1, 5, 10, 50)
