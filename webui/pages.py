@@ -17,11 +17,12 @@ DEFAULT_K = 24
 
 
 def make_templates() -> Jinja2Templates:
-    """The page templates, with the ``when`` filter and the tile URL builders as globals."""
+    """The page templates, with the ``when`` filter and the tile and evaluation URL builders as globals."""
     templates = Jinja2Templates(directory=TEMPLATES)
     templates.env.trim_blocks = templates.env.lstrip_blocks = True
     templates.env.filters["when"] = when
     templates.env.globals.update(tile_url=urls.tile_url, thumbnail_url=urls.thumbnail_url, image_url=urls.image_url)
+    templates.env.globals.update(eval_run_url=urls.eval_run_url)
     return templates
 
 

@@ -61,6 +61,16 @@ def tile_links(tile: dict) -> dict:
     }
 
 
+def eval_run_url(run_id: int, metric: str | None = None) -> str:
+    """An evaluation run's page, optionally with the per-class bars of ``metric``."""
+    return url_with(f"/eval/{run_id}", metric=metric)
+
+
+def eval_run_links(run: dict) -> dict:
+    """An evaluation run with its page and JSON links."""
+    return {**run, "url": eval_run_url(run["id"]), "json_url": f"/api/eval/runs/{run['id']}"}
+
+
 def filter_params(filters: Filters) -> dict[str, str]:
     """The query parameters that reproduce ``filters``."""
     params = {name: getattr(filters, name) for name in ("source", "slide", "case") if getattr(filters, name)}

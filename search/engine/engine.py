@@ -134,7 +134,7 @@ class Engine:
     # --- status and facets ---------------------------------------------------------------------
 
     def status(self) -> dict:
-        """What the status page shows: counts, model, device, live index, jobs and recent errors."""
+        """What the status page shows: counts, model, device, live index, jobs, recent errors and evaluation runs."""
         cfg = get_model_cfg(self.settings.model)
         try:
             device = str(resolve_device(self.settings.device))
@@ -169,6 +169,7 @@ class Engine:
             "running_job": running,
             "recent_errors": self.store.recent_errors(),
             "sources": self.store.sources(),
+            "eval_runs": self.store.eval_runs(limit=5),
         }
 
     def facets(self) -> dict:
