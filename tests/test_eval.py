@@ -32,7 +32,7 @@ def labelled(tmp_path: Path) -> Path:
     for label, colour in COLOURS.items():
         for case in range(CASES_PER_CLASS):
             for n in range(TILES_PER_CASE):
-                rel = f"{label}/c{case}/t{n}.png"
+                rel = f"{label}/{label}-c{case}/t{n}.png"
                 (root / rel).parent.mkdir(parents=True, exist_ok=True)
                 _tile(colour, seed).save(root / rel)
                 rows.append(f"{rel},{label},{label}-case{case},{label}-case{case}-s{n % 2}")
@@ -152,9 +152,35 @@ def test_index_mode_uses_the_live_index_and_agrees_with_exact(cli, labelled, tin
     assert indexed["model_fingerprint"] == exact["model_fingerprint"]
     for name in ("Acc@1", "mMV@5", "mAP@10"):
         assert indexed["report"]["metrics"][name]["value"] == pytest.approx(exact["report"]["metrics"][name]["value"])
-    # A filter restricts what can be found: one class's source folder is all there is to search.
-    code, filtered = cli("eval", "tiles", str(labelled), "--index", "--meta", "nothing=here", "--quiet", "--json")
-    assert code == 2 and "admit none" in filtered
+    # A filter restricts what can be found. The indexer took the case from the folder (the class name here):
+    # with only adipose tiles searchable, the adipose queries still hit and every other query misses.
+    code, filtered = cli("eval", "tiles", str(labelled), "--index", "--case", "adipose", "--quiet", "--json")
+    assert code == 0, filtered
+    assert filtered["report"]["metrics"]["Acc@1"]["value"] == pytest.approx(16 / 48)
+    assert filtered["settings"]["filters"] == {"case": "adipose"}
+    assert filtered["report"]["no_match"] == 32
+    code, err = cli("eval", "tiles", str(labelled), "--index", "--meta", "nothing=here", "--quiet", "--json")
+    assert code == 2 and "admit none" in err
+
+    code, zeroshot = cli("eval", "zeroshot", str(labelled), "--index", "--k", "4", "--quiet", "--json")
+    assert code == 0, zeroshot
+    assert zeroshot["settings"]["ranking"] == "index" and sum(map(sum, zeroshot["report"]["confusion"]["matrix"])) == 48
+    pairs = labelled.with_name("pairs.csv")
+    pairs.write_text("image,caption\n" + "".join(f"{label}/{label}-c1/t0.png,{label}\n" for label in COLOURS))
+    code, indexed_pairs = cli("eval", "pairs", str(pairs), "--index", "--quiet", "--json")
+    code, exact_pairs = cli("eval", "pairs", str(pairs), "--quiet", "--json")
+    assert code == 0 and indexed_pairs["build_id"] == 1
+    # Three images and three captions: Recall@5 is 1 both ways, through the index (restricted to the set) too.
+    assert indexed_pairs["report"]["metrics"]["text->image R@5"]["value"] == 1.0
+    for name in ("text->image R@1", "image->text R@1"):
+        assert indexed_pairs["report"]["metrics"][name]["value"] == exact_pairs["report"]["metrics"][name]["value"]
+    missing = labelled.with_name("missing.csv")
+    (labelled.parent / "extra.png").write_bytes(
+        (labelled.parent / "adipose/adipose-c0/t0.png").read_bytes()[:-8] + b"12345678"
+    )
+    missing.write_text("path,label\nextra.png,adipose\nadipose/adipose-c0/t0.png,adipose\n")
+    code, err = cli("eval", "tiles", str(missing), "--index", "--quiet")
+    assert code == 2 and "1 of 2 images are not in the live index" in err
     code, err = cli("eval", "tiles", str(labelled), "--case", "x", "--quiet")
     assert code == 2 and "add --index" in err
 
@@ -177,9 +203,11 @@ def test_zeroshot_pairs_and_slides(cli, labelled):
 
     pairs = labelled.with_name("pairs.jsonl")
     records = [
-        {"image": f"{label}/c0/t{n}.png", "caption": f"{label} number {n}"} for label in COLOURS for n in range(3)
+        {"image": f"{label}/{label}-c0/t{n}.png", "caption": f"{label} number {n}"}
+        for label in COLOURS
+        for n in range(3)
     ]
-    records.append({"image": "adipose/c0/t0.png", "caption": "a second caption for the same tile"})
+    records.append({"image": "adipose/adipose-c0/t0.png", "caption": "a second caption for the same tile"})
     pairs.write_text("\n".join(json.dumps(r) for r in records))
     code, run = cli("eval", "pairs", str(pairs), "--quiet", "--json")
     assert code == 0, run
