@@ -104,12 +104,16 @@ def test_separable_set_scores_near_one_and_shuffled_labels_near_chance(cli, labe
 
 
 def test_runs_are_stored_listed_and_compared(cli, labelled, tiny_settings):
+    assert cli("eval", json_out=False) == (0, "no evaluation runs yet: `histosearch eval tiles FOLDER` runs one\n")
     assert cli("eval", "tiles", str(labelled), "--quiet", "--json")[0] == 0
     assert cli("eval", "tiles", str(labelled), "--quiet", "--json", "--tta", "--bootstrap", "200")[0] == 0
     code, listing = cli("eval", "--json")
     assert code == 0 and [r["id"] for r in listing] == [2, 1]
     assert listing[0]["settings"]["tta"] is True and "per_class" not in listing[0]["report"]
 
+    code, text = cli("eval", json_out=False)
+    lines = text.splitlines()
+    assert len(lines) == 2 and lines[0].split()[0] == "2" and "tiles    labels  Acc@1 " in lines[0]
     code, text = cli("eval", "--compare", "1", "2", json_out=False)
     assert code == 0, text
     assert "changed: bootstrap, tta" in text and "warning" not in text
@@ -125,8 +129,11 @@ def test_runs_are_stored_listed_and_compared(cli, labelled, tiny_settings):
     store.close()
 
 
-def test_a_second_run_reuses_the_cached_embeddings(cli, labelled, monkeypatch):
-    assert cli("eval", "tiles", str(labelled), "--quiet", "--no-save", "--json")[0] == 0
+def test_a_second_run_reuses_the_cached_embeddings(cli, labelled, monkeypatch, tiny_model_args, capsys):
+    # Without --quiet a progress bar counts the images on stderr while they are embedded.
+    assert main(["eval", "tiles", str(labelled), "--no-save", *tiny_model_args]) == 0
+    out = capsys.readouterr()
+    assert "embedding" in out.err and "48/48" in out.err and "Acc@1" in out.out
 
     def refuse(*args, **kwargs):
         raise AssertionError("embedded again")
@@ -236,6 +243,15 @@ def test_bad_sets_fail_with_one_line(cli, tmp_path, labelled):
     assert code == 2 and "header must name the columns image,caption" in err
     code, err = cli("eval", "slides", str(labelled.parent / "adipose"))
     assert code == 2 and "slide evaluation needs a slide_id on every row" in err
+    mixed = labelled.with_name("mixed.csv")
+    mixed.write_text(
+        "path,label,case_id,slide_id\nadipose/adipose-c0/t0.png,adipose,P,S\nstroma/stroma-c0/t0.png,stroma,P,S\n"
+    )
+    code, err = cli("eval", "slides", str(mixed))
+    assert code == 2 and "slide S has tiles of several labels (adipose, stroma)" in err
+    for option, message in (("--k=0", "--k must be between 1 and 1000"), ("--bootstrap=0", "at least one resample")):
+        code, err = cli("eval", "tiles", str(labelled), option)
+        assert code == 2 and message in err
     (tmp_path / "empty" / "a").mkdir(parents=True)
     code, err = cli("eval", "tiles", str(tmp_path / "empty"))
     assert code == 2 and "no images in class sub-folders" in err
