@@ -220,6 +220,12 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 f"{label}: {job['kind']} job {job['id']} {job['status']}, {job['done']} tiles, {job['errors']} errors,"
                 f" started {job['started_at']}"
             )
+    for run in status["eval_runs"][:1]:
+        name, figure = next(iter(run["report"]["metrics"].items()))
+        print(
+            f"last eval: run {run['id']} {run['kind']} on {run['dataset']['name']} ({run['settings']['mode']}), "
+            f"{name} {figure['value']:.3f} [{figure['low']:.3f}, {figure['high']:.3f}]"
+        )
     errors = status["recent_errors"]
     if errors:
         print(f"recent errors ({len(errors)}):")

@@ -111,6 +111,8 @@ def test_runs_are_stored_listed_and_compared(cli, labelled, tiny_settings):
     assert code == 0 and [r["id"] for r in listing] == [2, 1]
     assert listing[0]["settings"]["tta"] is True and "per_class" not in listing[0]["report"]
 
+    code, text = cli("status", json_out=False)
+    assert "last eval: run 2 tiles on labels (exact), Acc@1 " in text
     code, text = cli("eval", json_out=False)
     lines = text.splitlines()
     assert len(lines) == 2 and lines[0].split()[0] == "2" and "tiles    labels  Acc@1 " in lines[0]
