@@ -57,7 +57,8 @@ def test_eval_pages_json_twins_and_status(tmp_path):
     assert page.status_code == 200
     html = page.text
     # Two pictures: bars for the first per-class metric and the confusion matrix, both inline SVG.
-    assert html.count("<svg") == 2 and html.count('class="bar"') == 2 and html.count('class="cell"') == 6
+    assert html.count("<svg") == 2
+    assert html.count('class="class-bar"') == 2 and html.count('class="confusion-cell"') == 6
     assert "none" in html  # a query without a prediction gets its own column
     assert HOSTILE not in html and "&lt;script&gt;" in html
     assert 'href="/eval/1?metric=mMV%405"' in html

@@ -9,10 +9,16 @@ from markupsafe import Markup, escape
 ACCENT = "#7a2e6e"
 INK = "#1d2330"
 LINE = "#dde1e8"
-LABEL_PX = 150
+LABEL_PX = 210
+# Longer class names are cut in the picture; the full name is in each shape's tooltip and the JSON.
+LABEL_CHARS = 20
 ROW_PX = 22
 BAR_PX = 320
 CELL_PX = 34
+
+
+def _short(label: str) -> str:
+    return label if len(label) <= LABEL_CHARS else label[: LABEL_CHARS - 1] + "\u2026"
 
 
 def _text(x: float, y: float, content: object, anchor: str = "start", size: int = 12, fill: str = INK) -> str:
@@ -34,10 +40,10 @@ def class_bars(per_class: list[dict], metric: str) -> Markup:
         figure = entry.get(metric) or {}
         value = float(figure.get("value", 0.0))
         y = row * ROW_PX + 4
-        parts.append(_text(LABEL_PX - 8, y + 14, f"{entry['label']} (n={entry['n']})", anchor="end"))
+        parts.append(_text(LABEL_PX - 8, y + 14, f"{_short(entry['label'])} (n={entry['n']})", anchor="end"))
         parts.append(f'<rect x="{LABEL_PX}" y="{y + 3}" width="{BAR_PX}" height="{ROW_PX - 8}" fill="{LINE}"/>')
         parts.append(
-            f'<rect class="bar" x="{LABEL_PX}" y="{y + 3}" width="{value * BAR_PX:.1f}" height="{ROW_PX - 8}" '
+            f'<rect class="class-bar" x="{LABEL_PX}" y="{y + 3}" width="{value * BAR_PX:.1f}" height="{ROW_PX - 8}" '
             f'fill="{ACCENT}"><title>{escape(entry["label"])}: {value:.3f}</title></rect>'
         )
         if "low" in figure:
@@ -66,7 +72,8 @@ def confusion_matrix(labels: list[str], matrix: list[list[int]]) -> Markup:
     columns = [*labels, "none"] if matrix and len(matrix[0]) > len(labels) else list(labels)
     if matrix and not any(row[-1] for row in matrix) and columns[-1] == "none":
         columns = columns[:-1]  # nobody went without a prediction: no empty column
-    left, top = LABEL_PX, 90
+    # Room above the grid for the column names, written at 45 degrees (about 6.5 px per character).
+    left, top = LABEL_PX, 24 + round(6.5 * 0.71 * max(len(_short(name)) for name in columns))
     width = left + CELL_PX * len(columns) + 10
     height = top + CELL_PX * len(labels) + 10
     parts = [
@@ -78,16 +85,16 @@ def confusion_matrix(labels: list[str], matrix: list[list[int]]) -> Markup:
         x = left + c * CELL_PX + CELL_PX / 2
         parts.append(
             f'<text x="{x:.1f}" y="{top - 6}" font-size="11" fill="{INK}" font-family="system-ui, sans-serif" '
-            f'transform="rotate(-45 {x:.1f} {top - 6})">{escape(name)}</text>'
+            f'transform="rotate(-45 {x:.1f} {top - 6})">{escape(_short(name))}</text>'
         )
     for r, (name, row) in enumerate(zip(labels, matrix, strict=True)):
         total = sum(row) or 1
         y = top + r * CELL_PX
-        parts.append(_text(left - 8, y + CELL_PX / 2 + 4, name, anchor="end"))
+        parts.append(_text(left - 8, y + CELL_PX / 2 + 4, _short(name), anchor="end"))
         for c in range(len(columns)):
             share = row[c] / total
             parts.append(
-                f'<rect class="cell" x="{left + c * CELL_PX}" y="{y}" width="{CELL_PX}" height="{CELL_PX}" '
+                f'<rect class="confusion-cell" x="{left + c * CELL_PX}" y="{y}" width="{CELL_PX}" height="{CELL_PX}" '
                 f'fill="{_shade(share)}" stroke="{LINE}"><title>{escape(name)} \u2192 {escape(columns[c])}: '
                 f"{row[c]}</title></rect>"
             )
