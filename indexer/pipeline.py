@@ -4,13 +4,19 @@ Workers read a tile through its reader, hash its bytes, decode it safely and res
 model's input, then send back uint8 pixels (4x smaller than float); the encoder normalises them on
 its device. At most a few chunks per worker are in flight, so memory stays bounded however large
 the archive, and the workers decode ahead while the encoder runs.
+
+Each worker gets the decode options once (the pool initializer) and unpickles a source's reader once,
+keeping it and its open archive for every later chunk of that source: reopening a 100k-member zip or
+re-walking a tar's headers per chunk cost more than decoding the chunk.
 """
 
 from __future__ import annotations
 
 import io
 import multiprocessing
-from collections import deque
+import os
+import pickle
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +29,21 @@ from search.archives.readers import Reader
 from search.conch.preprocess import Preprocess
 from search.core.errors import BadInput
 
-CHUNK = 16
+# Tiles per task sent to a worker: large enough that the per-task cost (a pipe round trip, a reader
+# lookup) is small beside decoding, small enough that ~2 chunks per worker in flight bound memory.
+CHUNK = 32
+# Readers a worker keeps open: the current source and the one before it (its last chunks may still run).
+_WORKER_READERS = 2
+
+
+def default_workers() -> int:
+    """Decode workers for a GPU encoder: the CPUs this process may run on (its affinity, which a container's
+    cpuset limits, unlike os.cpu_count), less one for the main process that feeds the GPU."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus - 1)
 
 
 @dataclass(frozen=True)
@@ -45,13 +65,14 @@ class Failed:
 def decode_tile(
     reader: Reader, locator: str, preprocess: Preprocess, max_pixels: int, jpeg_passthrough: bool = False
 ) -> Decoded | Failed:
-    """Read, hash, decode and resize/crop one tile. With ``jpeg_passthrough``, an RGB JPEG already at the
-    model's input size needs no resize: it is only checked from its header and sent as it is."""
+    """Read, hash, decode and resize/crop one tile. With ``jpeg_passthrough``, a baseline RGB JPEG is only
+    checked from its header and sent as it is, for the encoder to decode (and resize) on its device;
+    progressive JPEGs, which nvJPEG decodes one at a time on the host, are decoded here."""
     try:
         data = reader.read(locator)
         if jpeg_passthrough and isinstance(data, bytes) and data[:2] == b"\xff\xd8":
-            size = _jpeg_size(data)
-            if size == (preprocess.image_size, preprocess.image_size):
+            size = _baseline_rgb_jpeg_size(data)
+            if size is not None and 0 < size[0] * size[1] <= max_pixels:
                 return Decoded(locator, content_hash(data), size[0], size[1], None, jpeg=data)
         image = decode_image(data, locator, max_pixels)
         return Decoded(locator, content_hash(data), image.width, image.height, preprocess.resize_crop(image))
@@ -61,11 +82,13 @@ def decode_tile(
         return Failed(locator, f"{locator}: unreadable ({type(exc).__name__}: {exc})")
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """Width and height of a baseline/progressive RGB JPEG from its header, or None."""
+def _baseline_rgb_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height of a non-progressive RGB JPEG from its header, or None."""
     try:
         with Image.open(io.BytesIO(data), formats=("JPEG",)) as image:
-            return image.size if image.mode == "RGB" else None
+            if image.mode != "RGB" or image.info.get("progressive") or image.info.get("progression"):
+                return None
+            return image.size
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
         return None
 
@@ -76,6 +99,25 @@ def _decode_chunk(
     return [decode_tile(reader, loc, preprocess, max_pixels, jpeg_passthrough) for loc in locators]
 
 
+# A worker process's state: the options from the pool initializer, and its open readers by source key.
+_worker: dict = {}
+
+
+def _init_worker(preprocess: Preprocess, max_pixels: int, jpeg_passthrough: bool) -> None:
+    _worker.update(preprocess=preprocess, max_pixels=max_pixels, passthrough=jpeg_passthrough, readers=OrderedDict())
+
+
+def _worker_chunk(key: int, pickled_reader: bytes, locators: list[str]) -> list:
+    readers: OrderedDict[int, Reader] = _worker["readers"]
+    reader = readers.get(key)
+    if reader is None:
+        reader = readers[key] = pickle.loads(pickled_reader)
+        while len(readers) > _WORKER_READERS:
+            readers.popitem(last=False)[1].close()
+    readers.move_to_end(key)
+    return _decode_chunk(reader, locators, _worker["preprocess"], _worker["max_pixels"], _worker["passthrough"])
+
+
 class DecodePool:
     """Ordered, bounded parallel decoding; ``workers=0`` decodes in the calling process."""
 
@@ -84,9 +126,17 @@ class DecodePool:
         self.preprocess = preprocess
         self.max_pixels = max_pixels
         self.jpeg_passthrough = jpeg_passthrough
+        self._sources = 0
         # spawn: the parent holds torch (and maybe CUDA) state that a forked child must not inherit.
         self._executor = (
-            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 0 else None
+            ProcessPoolExecutor(
+                workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(preprocess, max_pixels, jpeg_passthrough),
+            )
+            if workers > 0
+            else None
         )
 
     def decode(self, reader: Reader, locators: Iterable[str]) -> Iterator[Decoded | Failed]:
@@ -95,14 +145,13 @@ class DecodePool:
             for chunk in chunks:
                 yield from _decode_chunk(reader, chunk, self.preprocess, self.max_pixels, self.jpeg_passthrough)
             return
+        # Pickled once per source (without its open handles); each worker unpickles it on its first chunk.
+        self._sources += 1
+        key, pickled = self._sources, pickle.dumps(reader)
         in_flight: deque[Future] = deque()
-        limit = 3 * self.workers + 1
+        limit = 2 * self.workers + 1
         for chunk in chunks:
-            in_flight.append(
-                self._executor.submit(
-                    _decode_chunk, reader, chunk, self.preprocess, self.max_pixels, self.jpeg_passthrough
-                )
-            )
+            in_flight.append(self._executor.submit(_worker_chunk, key, pickled, chunk))
             if len(in_flight) >= limit:
                 yield from in_flight.popleft().result()
         while in_flight:
