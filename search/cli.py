@@ -163,17 +163,19 @@ def cmd_model_fetch(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
     from search.conch.config import get_model_cfg
-    from search.conch.encoder import resolve_device
+    from search.conch.encoder import resolve_batch_size, resolve_device, resolve_dtype
     from search.conch.hub import resolve_checkpoint, resolve_tokenizer
 
     cfg = get_model_cfg(settings.model)
+    device = resolve_device(settings.device)
     info = {
         "model": cfg.name,
         "image_size": cfg.vision_cfg.image_size,
         "embed_dim": cfg.embed_dim,
         "context_length": cfg.text_cfg.context_length,
-        "device": str(resolve_device(settings.device)),
-        "dtype": settings.dtype,
+        "device": str(device),
+        "dtype": resolve_dtype(settings.dtype, device),
+        "batch_size": resolve_batch_size(settings.batch_size, device),
     }
     checkpoint = resolve_checkpoint(settings)
     info["checkpoint"] = str(checkpoint)
