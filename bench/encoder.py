@@ -128,6 +128,7 @@ def bf16_peak_tflops(device_name: str) -> float | None:
 
 def make_sample_images(folder: Path) -> list[Path]:
     """H&E-like images (pink/purple texture) of the SAMPLE_IMAGES sizes and formats, written to ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(7)
     paths = []
     for i, (width, height, fmt) in enumerate(SAMPLE_IMAGES):
