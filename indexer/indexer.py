@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -298,7 +298,8 @@ class Indexer:
                     report.unchanged += 1
                     bar.update(1)
                     continue
-                batches.add((w, result), result)
+                # The pixels are copied into the batch now; the item keeps no view of the pool's shared memory.
+                batches.add((w, replace(result, pixels=None)), result)
                 if batches.full():
                     for encoded in batches.submit():
                         write(encoded)

@@ -117,3 +117,33 @@ def test_worker_keeps_two_readers_and_closes_older_ones(tmp_path, preprocess, mo
         (result,) = pipeline._worker_chunk(key, pickle.dumps(reader), [locator])
         assert isinstance(result, Decoded)
     assert list(pipeline._worker["readers"]) == [1, 3] and len(closed) == 1
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_pixels_from_workers_match_in_process_decoding(tmp_path, preprocess, shared):
+    make_tiles(tmp_path / "tiles", 40, size=48)
+    settings = load_settings(data_dir=tmp_path / "data")
+    reader = FolderReader(tmp_path / "tiles", settings)
+    locators = [e.locator for e in reader.scan()] * 3  # more chunks than blocks: blocks are reused
+    with DecodePool(0, preprocess, settings.max_image_pixels) as inline:
+        want = [r.pixels.copy() for r in inline.decode(reader, locators)]
+    with DecodePool(2, preprocess, settings.max_image_pixels, shared=shared) as pool:
+        assert (pool._blocks is not None) == shared
+        names = [block.name for block in pool._blocks.blocks] if shared else []
+        # Stopped early, then run again: blocks still being written are not handed out twice.
+        early = pool.decode(reader, locators)
+        next(early)
+        early.close()
+        # Pixels in shared memory are valid until the next result: copied as they come, as the indexer does.
+        got = [r.pixels.copy() for r in pool.decode(reader, locators)]
+    assert len(got) == len(want) and all((a == b).all() for a, b in zip(got, want, strict=True))
+    for name in names:  # the blocks are gone with the pool
+        assert not Path("/dev/shm", name.lstrip("/")).exists()
+
+
+def test_no_shared_memory_when_dev_shm_is_too_small(tmp_path, preprocess, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(64 << 20, 0, 64 << 20))
+    with DecodePool(1, Preprocess(448, get_model_cfg("conch_tiny").pretrained_cfg), 10**8) as pool:
+        assert pool._blocks is None  # a 64 MB /dev/shm: pixels travel pickled, no SIGBUS
