@@ -278,6 +278,7 @@ class Indexer:
             bar.update(len(batch) + len(encoded.failed))
             self.store.update_job(job_id, done=done, errors=report.errors)
 
+        fingerprint = encoder.fingerprint
         batches: BatchEncoder[tuple[_Work, Decoded]] = BatchEncoder(encoder, self.settings.max_image_pixels)
         try:
             for result in self._decode_pool().decode(reader, [w.entry.locator for w in work]):
@@ -289,7 +290,6 @@ class Indexer:
                     bar.update(1)
                     continue
                 state = w.state
-                fingerprint = encoder.fingerprint
                 if state and state.content_hash == result.content_hash and state.model_fingerprint == fingerprint:
                     moved.append((state.id, w.entry.fingerprint))
                     if len(moved) >= MOVED_CHUNK:
