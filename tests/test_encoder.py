@@ -100,8 +100,8 @@ def test_auto_dtype_and_batch_size_follow_the_device(tiny_encoder):
 def test_compiled_tower_sees_one_batch_shape_from_the_start(
     tiny_encoder, tiny_checkpoint, conch_reference, monkeypatch
 ):
-    """torch.compile(dynamic=False) compiles one graph per input shape: the short last batch is padded, and
-    the graph is compiled when the encoder is built (a stand-in for torch.compile records what it sees)."""
+    """torch.compile(dynamic=False) compiles one graph per input shape: batches are padded to 1 or batch_size, and
+    both graphs are compiled when the encoder is built (a stand-in for torch.compile records what it sees)."""
     import torch
 
     from search.conch.model import create_model
@@ -125,11 +125,15 @@ def test_compiled_tower_sees_one_batch_shape_from_the_start(
     monkeypatch.setattr(torch, "compile", compile)
     model = create_model("conch_tiny", checkpoint=tiny_checkpoint)
     encoder = Encoder(model, tiny_encoder.tokenizer, fingerprint="x", device="cpu", batch_size=4, compile=True)
-    assert calls == [{"dynamic": False}] and shapes == [(4, 3, 64, 64)]  # warmed up at start
+    # Both graphs, a query's and a full batch's, compiled at start.
+    assert calls == [{"dynamic": False}] and shapes == [(1, 3, 64, 64), (4, 3, 64, 64)]
     paths = [conch_reference / "images" / n for n in json.loads((conch_reference / "images.json").read_text())]
     got = encoder.encode_images(paths + paths[:1])  # 6 images: a batch of 4 and one of 2, padded
-    assert shapes[1:] == [(4, 3, 64, 64)] * 2
+    assert shapes[2:] == [(4, 3, 64, 64)] * 2
     np.testing.assert_allclose(got, tiny_encoder.encode_images(paths + paths[:1]), atol=1e-5)
+    one = encoder.encode_images(paths[:1])  # a query: the batch-of-one graph, no padding to 4
+    assert shapes[4:] == [(1, 3, 64, 64)]
+    np.testing.assert_allclose(one, got[:1], atol=1e-5)
 
 
 def test_text_trim_length_comes_from_the_host_tokens(tiny_encoder, monkeypatch):
@@ -166,3 +170,15 @@ def test_device_resize_matches_pil_on_the_conformance_images(tiny_encoder, conch
     assert diff.mean() < 0.5 and diff.max() <= 12
     cosine = (tiny_encoder.encode_uint8(pil) * tiny_encoder.encode_uint8(device)).sum(1)
     assert cosine.min() >= 0.9999
+
+
+def test_a_numbered_gpu_is_made_current(monkeypatch):
+    import torch
+
+    from search.conch.encoder import make_current
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    for device in ("cpu", "cuda", "cuda:1"):
+        make_current(torch.device(device))
+    assert current == [torch.device("cuda", 1)]

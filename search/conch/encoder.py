@@ -37,6 +37,13 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
+def make_current(device: torch.device) -> None:
+    """Make a numbered GPU (``cuda:1``) the current one: pinned host memory and nvJPEG otherwise open a context on
+    the current device, GPU 0. Plain ``cuda`` means the current device already."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # What "auto" means per device type. On a GPU: bf16 autocast (fused attention, tensor cores; cosine to fp32
 # measured by `python -m bench.gpu`) and batches large enough to keep an H100 busy (~5 GB of activations).
@@ -71,9 +78,7 @@ class Encoder:
         compile: bool = False,
     ) -> None:
         self.device = resolve_device(device)
-        if self.device.type == "cuda":
-            # Pinned host memory and nvJPEG otherwise open a context on the current device, GPU 0.
-            torch.cuda.set_device(self.device)
+        make_current(self.device)
         dtype = resolve_dtype(dtype, self.device)
         if dtype not in _DTYPES:
             raise ConfigError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -84,16 +89,17 @@ class Encoder:
         self.model = model.to(self.device).eval()
         self.compiled = compile
         if compile:
-            # One graph for one shape: image batches are padded to batch_size (see encode_pixels), so a short
-            # last batch never compiles a second graph. Compiled now, not on the first query, which would
-            # compile while holding a server's model lock.
+            # One graph per batch shape: image batches are padded to one of two sizes (see encode_pixels), so a
+            # short last batch never compiles another graph. Both are compiled now, not on the first query,
+            # which would compile while holding a server's model lock.
             self.model.visual = torch.compile(self.model.visual, dynamic=False)
         self.tokenizer = tokenizer
         self.fingerprint = fingerprint
         cfg = model.cfg
         self.preprocess = Preprocess(cfg.vision_cfg.image_size, cfg.pretrained_cfg)
         if compile:
-            self.encode_pixels(torch.zeros(1, 3, self.image_size, self.image_size))
+            for size in self._compiled_sizes():
+                self.encode_pixels(torch.zeros(size, 3, self.image_size, self.image_size))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Encoder:
@@ -132,7 +138,8 @@ class Encoder:
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor, *, normalize: bool = True, project: bool = True) -> np.ndarray:
         """Embeddings of normalised ``[n, 3, S, S]`` pixels (see Preprocess): one forward pass, or with a
-        compiled tower one per ``batch_size`` rows, the last padded to ``batch_size`` (one graph, one shape)."""
+        compiled tower one per ``batch_size`` rows, each padded to one of the compiled sizes: 1 (a query) or
+        ``batch_size`` (indexing, whose last batch is short)."""
         pixels = pixels.to(self.device, non_blocking=True)
         if not (self.compiled and project):
             with self._autocast():
@@ -142,11 +149,15 @@ class Encoder:
         for start in range(0, len(pixels), self.batch_size):
             part = pixels[start : start + self.batch_size]
             n = len(part)
-            if n < self.batch_size:
-                part = torch.cat([part, part.new_zeros((self.batch_size - n, *part.shape[1:]))])
+            size = next(s for s in self._compiled_sizes() if s >= n)
+            if n < size:
+                part = torch.cat([part, part.new_zeros((size - n, *part.shape[1:]))])
             with self._autocast():
                 outs.append(self.model.encode_image(part, normalize=normalize)[:n])
         return torch.cat(outs).float().cpu().numpy()
+
+    def _compiled_sizes(self) -> tuple[int, ...]:
+        return tuple(sorted({1, self.batch_size}))
 
     def host_buffer(self, n: int) -> torch.Tensor:
         """An uninitialised uint8 ``[n, S, S, 3]`` host tensor to stack tiles into: pinned for a GPU, so the
