@@ -103,7 +103,9 @@ class BatchEncoder(Generic[T]):
         return done
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        """Stop the encode thread. Batches not started are dropped; one being encoded finishes in the background
+        (an interrupted run is marked as such at once, not after a CPU batch of tens of seconds)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _buffer(self, index: int) -> torch.Tensor:
         buffer = self._buffers[index]
