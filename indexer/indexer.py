@@ -10,19 +10,18 @@ stored embeddings beside the live one and published by an atomic pointer swap.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
+from indexer.batches import BatchEncoder, Encoded
 from indexer.manifest import Manifest, identity
-from indexer.pipeline import Decoded, DecodePool, Failed
+from indexer.pipeline import Decoded, DecodePool, Failed, default_workers
 from indexer.texts import BUILTIN_CORPUS, TextItem, builtin_vocabulary, load_corpus
 from search.archives.readers import Reader, Skipped, TileEntry, open_reader
 from search.conch.encoder import Encoder
@@ -235,21 +234,20 @@ class Indexer:
         encoder = self.encoder
         by_locator = {w.entry.locator: w for w in work}
         identities = _Identities(self.store, source_id, manifest, self.settings.path_pattern)
-        batch: list[tuple[_Work, Decoded]] = []
         # Tiles whose fingerprint moved but whose content did not: written in chunks, not a transaction each.
         moved: list[tuple[int, str]] = []
         bar = tqdm(total=len(work), unit="tile", desc=Path(reader.root).name, disable=not self.progress)
         done = 0
 
-        def flush() -> None:
+        def write(encoded: Encoded[tuple[_Work, Decoded]]) -> None:
+            """One batch's tiles and vectors, in one transaction per kind of change."""
             nonlocal done
-            if not batch:
-                return
-            pixels = self._batch_pixels(batch, source_id, job_id, report)
-            if pixels is None:
-                return
-            vectors = encoder.encode_uint8(pixels)
-            self._mark_dirty()
+            for (w, _), reason in encoded.failed:
+                self.store.record_error(w.entry.path, reason, job_id=job_id, source_id=source_id)
+                report.errors += 1
+            batch, vectors = encoded.items, encoded.vectors
+            if batch:
+                self._mark_dirty()
             new, replaced, reembed = [], [], []
             for i, (w, d) in enumerate(batch):
                 if w.state is None:
@@ -276,42 +274,49 @@ class Indexer:
             report.new += len(new)
             report.changed += len(replaced)
             report.reembedded += len(reembed)
-            done += len(batch)
-            bar.update(len(batch))
+            done += len(batch) + len(encoded.failed)
+            bar.update(len(batch) + len(encoded.failed))
             self.store.update_job(job_id, done=done, errors=report.errors)
-            batch.clear()
 
-        for result in self._decode_pool().decode(reader, [w.entry.locator for w in work]):
-            w = by_locator[result.locator]
-            if isinstance(result, Failed):
-                # A tile already indexed keeps its old vector until it reads well again.
-                self.store.record_error(w.entry.path, result.reason, job_id=job_id, source_id=source_id)
-                report.errors += 1
-                bar.update(1)
-                continue
-            state = w.state
-            if state and state.content_hash == result.content_hash and state.model_fingerprint == encoder.fingerprint:
-                moved.append((state.id, w.entry.fingerprint))
-                if len(moved) >= MOVED_CHUNK:
-                    self.store.update_fingerprints(moved)
-                    moved.clear()
-                report.unchanged += 1
-                bar.update(1)
-                continue
-            batch.append((w, result))
-            if len(batch) >= self.settings.batch_size:
-                flush()
-        flush()
+        fingerprint = encoder.fingerprint
+        batches: BatchEncoder[tuple[_Work, Decoded]] = BatchEncoder(encoder, self.settings.max_image_pixels)
+        try:
+            for result in self._decode_pool().decode(reader, [w.entry.locator for w in work]):
+                w = by_locator[result.locator]
+                if isinstance(result, Failed):
+                    # A tile already indexed keeps its old vector until it reads well again.
+                    self.store.record_error(w.entry.path, result.reason, job_id=job_id, source_id=source_id)
+                    report.errors += 1
+                    bar.update(1)
+                    continue
+                state = w.state
+                if state and state.content_hash == result.content_hash and state.model_fingerprint == fingerprint:
+                    moved.append((state.id, w.entry.fingerprint))
+                    if len(moved) >= MOVED_CHUNK:
+                        self.store.update_fingerprints(moved)
+                        moved.clear()
+                    report.unchanged += 1
+                    bar.update(1)
+                    continue
+                # The pixels are copied into the batch now; the item keeps no view of the pool's shared memory.
+                batches.add((w, replace(result, pixels=None)), result)
+                if batches.full():
+                    for encoded in batches.submit():
+                        write(encoded)
+            for encoded in batches.finish():
+                write(encoded)
+        finally:
+            batches.close()
         self.store.update_fingerprints(moved)
         bar.close()
 
     def _decode_pool(self) -> DecodePool:
         """One pool of decode workers for the whole run (starting workers costs seconds), sized by the
-        ``workers`` setting or, when unset, one per core for a GPU encoder and none for a CPU one."""
+        ``workers`` setting or, when unset, one per usable CPU but one for a GPU encoder and none for a CPU one."""
         if self._pool is None:
             workers = self.settings.workers
             if workers is None:
-                workers = (os.cpu_count() or 1) if self.encoder.device.type == "cuda" else 0
+                workers = default_workers() if self.encoder.device.type == "cuda" else 0
             self._pool = DecodePool(
                 workers, self.encoder.preprocess, self.settings.max_image_pixels, self.settings.gpu_decode
             )
@@ -321,29 +326,6 @@ class Indexer:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
-
-    def _batch_pixels(
-        self, batch: list[tuple[_Work, Decoded]], source_id: int, job_id: int, report: SourceReport
-    ) -> torch.Tensor | None:
-        """The batch's uint8 tiles ``[n, S, S, 3]``. JPEGs passed through undecoded are decoded on the encoder's
-        device; those that fail are recorded and dropped from ``batch``."""
-        jpegs = [i for i, (_, d) in enumerate(batch) if d.jpeg is not None]
-        if not jpegs:
-            return torch.from_numpy(np.stack([d.pixels for _, d in batch]))
-        decoded = dict(zip(jpegs, self.encoder.decode_jpegs([batch[i][1].jpeg for i in jpegs]), strict=True))
-        device = self.encoder.device
-        pixels, kept = [], []
-        for i, (w, d) in enumerate(batch):
-            tile = decoded[i] if i in decoded else torch.from_numpy(d.pixels).to(device)
-            if tile is None:
-                reason = f"{w.entry.locator}: corrupt or truncated JPEG"
-                self.store.record_error(w.entry.path, reason, job_id=job_id, source_id=source_id)
-                report.errors += 1
-                continue
-            pixels.append(tile)
-            kept.append((w, d))
-        batch[:] = kept
-        return torch.stack(pixels) if pixels else None
 
     def remove(self, paths: list[Path], *, wait: bool = False) -> dict[str, int]:
         """Forget sources (an archive moved away for good): their tiles leave the store and a new index is

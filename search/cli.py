@@ -28,17 +28,38 @@ if TYPE_CHECKING:
 def _setting_option(parser: argparse._ActionsContainer, field: str, *flags: str, help: str) -> None:
     """An option that overrides the setting ``field``: its type (or choices) comes from the Settings model."""
     annotation = Settings.model_fields[field].annotation
+    members = [annotation]
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+    # Annotated[int, Field(ge=1)] -> int: the bounds are checked by the settings, with the setting's name.
+    members = [typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a for a in members]
     kwargs: dict = {}
-    if typing.get_origin(annotation) is Literal:
-        kwargs["choices"] = list(typing.get_args(annotation))
-    elif annotation in (str, int, float, Path):
-        kwargs["type"] = annotation
+    if members == [bool]:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif len(members) == 1 and typing.get_origin(members[0]) is Literal:
+        kwargs["choices"] = list(typing.get_args(members[0]))
+    elif len(members) == 1 and members[0] in (str, int, float, Path):
+        kwargs["type"] = members[0]
+    elif members[0] is int and all(typing.get_origin(m) is Literal for m in members[1:]):
+        kwargs["type"] = _int_or([w for m in members[1:] for w in typing.get_args(m)])
     else:
         raise TypeError(f"setting {field}: no command line option for a {annotation!r} value")
     env = f"HISTOSEARCH_{field.upper()}"
     parser.add_argument(*(flags or (f"--{field.replace('_', '-')}",)), dest=field, help=f"{help}; env {env}", **kwargs)
+
+
+def _int_or(words: list[str]):
+    """An option type for a setting that is a number or one of ``words`` (``batch_size``: 64 or auto)."""
+
+    def parse(value: str) -> int | str:
+        if value in words:
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r}: a whole number or {' or '.join(words)}") from None
+
+    return parse
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
@@ -47,8 +68,10 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     _setting_option(group, "checkpoint", help="pytorch_model.bin or .safetensors")
     _setting_option(group, "tokenizer", help="CONCH tokenizer JSON file")
     _setting_option(group, "device", help="auto (default), cpu, cuda, cuda:N")
-    _setting_option(group, "dtype", help="fp32 (default); bf16/fp16 on GPU")
-    _setting_option(group, "batch_size", help="images per encoder batch")
+    _setting_option(group, "dtype", help="auto (default: bf16 on a GPU, fp32 on a CPU); bf16/fp16 on a GPU only")
+    _setting_option(group, "batch_size", help="images per encoder batch, or auto (256 on a GPU, 32 on a CPU)")
+    _setting_option(group, "compile", help="torch.compile the image tower, at start (for GPUs)")
+    _setting_option(group, "gpu_decode", help="decode and resize JPEG tiles on the GPU (nvJPEG; PIL where it refuses)")
 
 
 def _settings_from(args: argparse.Namespace) -> Settings:
@@ -140,17 +163,19 @@ def cmd_model_fetch(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
     from search.conch.config import get_model_cfg
-    from search.conch.encoder import resolve_device
+    from search.conch.encoder import resolve_batch_size, resolve_device, resolve_dtype
     from search.conch.hub import resolve_checkpoint, resolve_tokenizer
 
     cfg = get_model_cfg(settings.model)
+    device = resolve_device(settings.device)
     info = {
         "model": cfg.name,
         "image_size": cfg.vision_cfg.image_size,
         "embed_dim": cfg.embed_dim,
         "context_length": cfg.text_cfg.context_length,
-        "device": str(resolve_device(settings.device)),
-        "dtype": settings.dtype,
+        "device": str(device),
+        "dtype": resolve_dtype(settings.dtype, device),
+        "batch_size": resolve_batch_size(settings.batch_size, device),
     }
     checkpoint = resolve_checkpoint(settings)
     info["checkpoint"] = str(checkpoint)

@@ -127,6 +127,8 @@ SETTING_FLAGS = {
     "device": (["status", "--device", "cuda:1"], "cuda:1"),
     "dtype": (["index", "p", "--dtype", "bf16"], "bf16"),
     "batch_size": (["index", "p", "--batch-size", "7"], 7),
+    "compile": (["serve", "--compile"], True),
+    "gpu_decode": (["index", "p", "--gpu-decode"], True),
     "workers": (["reindex", "--workers", "3"], 3),
     "index_type": (["remove", "p", "--index-type", "hnsw"], "hnsw"),
 }
@@ -154,15 +156,23 @@ def test_the_setting_options_are_exactly_those_listed():
     assert _setting_dests(build_parser()) == set(SETTING_FLAGS)
 
 
-def test_setting_options_take_choices_and_ranges_from_the_model(capsys):
+def test_setting_options_take_choices_and_ranges_from_the_model(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["index", "p", "--index-type", "annoy"])
     err = capsys.readouterr().err
     assert "invalid choice: 'annoy'" in err and "'ivfpq'" in err
     assert main(["serve", "--port", "70000"]) == 2
     assert "port" in capsys.readouterr().err
-    with pytest.raises(TypeError, match="setting compile"):
-        _setting_option(argparse.ArgumentParser(), "compile", help="bool settings need a flag design first")
+    # A bool setting is a --flag/--no-flag pair; a number-or-word setting takes either.
+    args = build_parser().parse_args(["index", "p", "--no-compile", "--batch-size", "auto"])
+    assert (args.compile, args.batch_size) == (False, "auto")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["index", "p", "--batch-size", "lots"])
+    assert "a whole number or auto" in capsys.readouterr().err
+    with pytest.raises(TypeError, match="setting path_pattern"):
+        parser = argparse.ArgumentParser()
+        monkeypatch.setattr(Settings.model_fields["path_pattern"], "annotation", list[str])
+        _setting_option(parser, "path_pattern", help="a list has no option design")
 
 
 def test_the_cli_loads_no_lower_layer_until_a_command_needs_it():

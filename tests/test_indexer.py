@@ -297,22 +297,58 @@ def test_kill_9_then_resume_loses_nothing_and_duplicates_nothing(tiny_model_args
     assert statuses == ["interrupted", "done"]
 
 
-def test_jpeg_passthrough_decodes_on_the_encoder_device_with_the_same_vectors(tiny_settings, tiny_encoder, tmp_path):
-    """gpu_decode: model-size JPEGs go undecoded to the encoder (nvJPEG on a GPU, torchvision here)."""
+def test_jpeg_passthrough_decodes_on_the_encoder_device_with_the_same_vectors(
+    tiny_settings, tiny_encoder, tmp_path, monkeypatch
+):
+    """gpu_decode: baseline RGB JPEGs go undecoded to the encoder (nvJPEG on a GPU, torchvision here), which
+    resizes those not at the model's size on its device; a JPEG the device decoder refuses is decoded with PIL
+    and only one that PIL refuses too is an error."""
+    import torchvision.io
+
     root = tmp_path / "tiles"
     root.mkdir()
     for i in range(5):
         (root / f"t{i}.jpg").write_bytes(image_bytes(make_image(64, i), "jpg"))
-    (root / "big.jpg").write_bytes(image_bytes(make_image(96, 9), "jpg"))  # needs a resize: decoded in workers
+    (root / "big.jpg").write_bytes(image_bytes(make_image(96, 9), "jpg"))  # resized on the encoder's device
+    refused = image_bytes(make_image(64, 7), "jpg")
+    (root / "refused.jpg").write_bytes(refused)  # valid, but the stand-in for nvJPEG refuses it
     good = image_bytes(make_image(64, 5), "jpg")
     (root / "broken.jpg").write_bytes(good[:200] + b"\x00" * 50)  # a header that parses, a body that does not
+    real_decode = torchvision.io.decode_jpeg
+    refusals = []
+
+    def device_decoder(data, **kwargs):
+        if isinstance(data, list):
+            return [device_decoder(d, **kwargs) for d in data]
+        if bytes(data.numpy()) == refused:
+            refusals.append(1)
+            raise RuntimeError("nvjpegDecode failed: JPEG stream not supported")
+        return real_decode(data, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", device_decoder)
     plain = Indexer(tiny_settings, encoder=tiny_encoder)
     plain.run([root])
     settings = load_settings(**{**tiny_settings.model_dump(), "gpu_decode": True, "data_dir": tmp_path / "d2"})
     passthrough = Indexer(settings, encoder=tiny_encoder)
     report = passthrough.run([root])
-    assert report.sources[0].new == 6 and report.sources[0].errors == 1
-    assert "broken.jpg" in {e["path"] for e in passthrough.store.recent_errors()}
-    a = np.concatenate([v for _, v in plain.store.iter_embeddings(tiny_encoder.fingerprint)])
-    b = np.concatenate([v for _, v in passthrough.store.iter_embeddings(tiny_encoder.fingerprint)])
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert refusals
+    assert report.sources[0].new == 7 and report.sources[0].errors == 1
+    assert {e["path"] for e in passthrough.store.recent_errors()} == {"broken.jpg"}
+    a = dict(zip(*_by_locator(plain), strict=True))
+    b = dict(zip(*_by_locator(passthrough), strict=True))
+    assert set(a) == set(b) == {f"t{i}.jpg" for i in range(5)} | {"big.jpg", "refused.jpg"}
+    for locator in a:
+        if locator == "big.jpg":  # resized by torch on the device, not by PIL: equal to rounding
+            assert float(a[locator] @ b[locator]) >= 0.9999
+        else:
+            np.testing.assert_allclose(a[locator], b[locator], atol=1e-6)
+
+
+def _by_locator(indexer: Indexer) -> tuple[list[str], list[np.ndarray]]:
+    locators = {t["id"]: t["locator"] for t in _tiles(indexer.store).values()}
+    pairs = [
+        (locators[int(i)], v)
+        for ids, vectors in indexer.store.iter_embeddings(indexer.encoder.fingerprint)
+        for i, v in zip(ids, vectors, strict=True)
+    ]
+    return [p[0] for p in pairs], [p[1] for p in pairs]

@@ -37,7 +37,26 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
+def make_current(device: torch.device) -> None:
+    """Make a numbered GPU (``cuda:1``) the current one: pinned host memory and nvJPEG otherwise open a context on
+    the current device, GPU 0. Plain ``cuda`` means the current device already."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What "auto" means per device type. On a GPU: bf16 autocast (fused attention, tensor cores; cosine to fp32
+# measured by `python -m bench.gpu`) and batches large enough to keep an H100 busy (~5 GB of activations).
+AUTO_DTYPE = {"cuda": "bf16", "cpu": "fp32"}
+AUTO_BATCH_SIZE = {"cuda": 256, "cpu": 32}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    return AUTO_DTYPE.get(device.type, "fp32") if dtype == "auto" else dtype
+
+
+def resolve_batch_size(batch_size: int | str, device: torch.device) -> int:
+    return AUTO_BATCH_SIZE.get(device.type, 32) if batch_size == "auto" else int(batch_size)
 
 
 def model_fingerprint(cfg: ModelCfg, checkpoint_digest: str) -> str:
@@ -55,23 +74,32 @@ class Encoder:
         fingerprint: str,
         device: str = "auto",
         dtype: str = "fp32",
-        batch_size: int = 32,
+        batch_size: int | str = 32,
         compile: bool = False,
     ) -> None:
         self.device = resolve_device(device)
+        make_current(self.device)
+        dtype = resolve_dtype(dtype, self.device)
         if dtype not in _DTYPES:
-            raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+            raise ConfigError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {dtype!r}")
         if dtype != "fp32" and self.device.type != "cuda":
             raise ConfigError(f"dtype {dtype} needs a CUDA device (this one is {self.device}): use --dtype fp32")
         self.dtype = dtype
+        self.batch_size = resolve_batch_size(batch_size, self.device)
         self.model = model.to(self.device).eval()
-        if compile and self.device.type == "cuda":
-            self.model.visual = torch.compile(self.model.visual)
+        self.compiled = compile
+        if compile:
+            # One graph per batch shape: image batches are padded to one of two sizes (see encode_pixels), so a
+            # short last batch never compiles another graph. Both are compiled now, not on the first query,
+            # which would compile while holding a server's model lock.
+            self.model.visual = torch.compile(self.model.visual, dynamic=False)
         self.tokenizer = tokenizer
         self.fingerprint = fingerprint
-        self.batch_size = batch_size
         cfg = model.cfg
         self.preprocess = Preprocess(cfg.vision_cfg.image_size, cfg.pretrained_cfg)
+        if compile:
+            for size in self._compiled_sizes():
+                self.encode_pixels(torch.zeros(size, 3, self.image_size, self.image_size))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Encoder:
@@ -109,29 +137,53 @@ class Encoder:
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor, *, normalize: bool = True, project: bool = True) -> np.ndarray:
-        """Embeddings of normalised ``[n, 3, S, S]`` pixels (see Preprocess), in one forward pass."""
+        """Embeddings of normalised ``[n, 3, S, S]`` pixels (see Preprocess): one forward pass, or with a
+        compiled tower one per ``batch_size`` rows, each padded to one of the compiled sizes: 1 (a query) or
+        ``batch_size`` (indexing, whose last batch is short)."""
         pixels = pixels.to(self.device, non_blocking=True)
-        with self._autocast():
-            out = self.model.encode_image(pixels, normalize=normalize, project=project)
-        return out.float().cpu().numpy()
+        if not (self.compiled and project):
+            with self._autocast():
+                out = self.model.encode_image(pixels, normalize=normalize, project=project)
+            return out.float().cpu().numpy()
+        outs = []
+        for start in range(0, len(pixels), self.batch_size):
+            part = pixels[start : start + self.batch_size]
+            n = len(part)
+            size = next(s for s in self._compiled_sizes() if s >= n)
+            if n < size:
+                part = torch.cat([part, part.new_zeros((size - n, *part.shape[1:]))])
+            with self._autocast():
+                outs.append(self.model.encode_image(part, normalize=normalize)[:n])
+        return torch.cat(outs).float().cpu().numpy()
+
+    def _compiled_sizes(self) -> tuple[int, ...]:
+        return tuple(sorted({1, self.batch_size}))
+
+    def host_buffer(self, n: int) -> torch.Tensor:
+        """An uninitialised uint8 ``[n, S, S, 3]`` host tensor to stack tiles into: pinned for a GPU, so the
+        upload is one DMA with no staging copy."""
+        size = self.image_size
+        return torch.empty((n, size, size, 3), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
 
     def decode_jpegs(self, data: Sequence[bytes]) -> list[torch.Tensor | None]:
-        """Decode JPEG files on this encoder's device (nvJPEG on a GPU) to ``[H, W, 3]`` uint8 tensors there;
-        None for a file that does not decode."""
+        """Decode JPEG files on this encoder's device (nvJPEG on a GPU) and resize/crop them there to
+        ``[S, S, 3]`` uint8 tiles (``Preprocess.resize_crop_tensor``); None for a file this decoder refuses,
+        which the caller decodes with PIL instead (nvJPEG refuses valid 12-bit, arithmetic-coded or oddly
+        subsampled JPEGs)."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
         raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
         try:
             images: list[torch.Tensor | None] = decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:
-            # One bad file fails the batch: decode one by one to find it.
+            # One refused file fails the batch: decode one by one to find it.
             images = []
             for one in raw:
                 try:
                     images.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=self.device))
                 except RuntimeError:
                     images.append(None)
-        return [None if im is None else im.permute(1, 2, 0) for im in images]
+        return [None if im is None else self.preprocess.resize_crop_tensor(im.permute(1, 2, 0)) for im in images]
 
     def encode_uint8(
         self, pixels: np.ndarray | torch.Tensor, *, normalize: bool = True, project: bool = True
@@ -171,8 +223,11 @@ class Encoder:
         out = np.empty((len(texts), self.dim), np.float32)
         for batch in _batches(order, max(self.batch_size, 64)):
             idx = np.asarray(batch)
+            part = tokens[idx]
+            # The trimmed length from the host tokens: on the device it would cost a sync (and a graph break).
+            length = self.model.text.trimmed_length(part)
             with self._autocast():
-                emb = self.model.encode_text(tokens[idx].to(self.device), normalize=normalize)
+                emb = self.model.encode_text(part.to(self.device), normalize=normalize, length=length)
             out[idx] = emb.float().cpu().numpy()
         return out
 

@@ -126,7 +126,13 @@ class TextTower(nn.Module):
         self.ln_final = nn.LayerNorm(cfg.width)
         self.text_projection = nn.Parameter(torch.zeros(cfg.width, embed_dim))
 
-    def forward(self, tokens: torch.Tensor, trim: bool = True) -> torch.Tensor:
+    def trimmed_length(self, tokens: torch.Tensor) -> int:
+        """Positions the trimmed pass computes: the longest text's real tokens and its first pad. Computed
+        where ``tokens`` are (on the host before they go to a GPU, so no device sync and no graph break)."""
+        text = tokens[:, :-1]
+        return min(int((text != self.pad_id).sum(dim=1).max()) + 1, text.shape[1])
+
+    def forward(self, tokens: torch.Tensor, trim: bool = True, length: int | None = None) -> torch.Tensor:
         """Projected (unnormalised) text embedding from ``[n, context_length]`` token ids.
 
         The last token slot is dropped and the CLS embedding takes its place, at the last position's
@@ -134,12 +140,12 @@ class TextTower(nn.Module):
         if token j-1 is not padding, and itself only if the last token slot is not padding (CONCH was
         trained with this mask). So real tokens never see padding and CLS sees only the real tokens and
         the first pad: with ``trim`` the pass computes just those positions plus CLS, which gives the
-        padded pass's output at a fraction of its cost.
+        padded pass's output at a fraction of its cost. ``length``: ``trimmed_length`` of these tokens when
+        the caller computed it already (from a host copy).
         """
         text = tokens[:, :-1]
         if trim:
-            real = (text != self.pad_id).sum(dim=1)
-            text = text[:, : min(int(real.max()) + 1, text.shape[1])]
+            text = text[:, : self.trimmed_length(tokens) if length is None else length]
         length = text.shape[1]
         x = self.token_embedding(text) + self.positional_embedding[:length]
         cls = (self.cls_emb + self.positional_embedding[-1]).to(x.dtype).expand(x.shape[0], 1, -1)
@@ -171,8 +177,10 @@ class Conch(nn.Module):
         features = self.visual(pixels) if project else self.visual.pooled(pixels)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = True, trim: bool = True) -> torch.Tensor:
-        features = self.text(tokens, trim=trim)
+    def encode_text(
+        self, tokens: torch.Tensor, normalize: bool = True, trim: bool = True, length: int | None = None
+    ) -> torch.Tensor:
+        features = self.text(tokens, trim=trim, length=length)
         return F.normalize(features, dim=-1) if normalize else features
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -46,12 +46,15 @@ class Settings(BaseSettings):
     checkpoint: Path | None = None
     tokenizer: Path | None = None
     device: str = "auto"
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    batch_size: int = Field(32, ge=1, le=4096)
-    # torch.compile the image tower (GPU only; the first batch pays the compile time).
+    # auto: bf16 autocast on a GPU, fp32 on a CPU.
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # auto: 256 images per batch on a GPU, 32 on a CPU.
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = "auto"
+    # torch.compile the image tower (compiled at start, one graph: short batches are padded). Meant for GPUs.
     compile: bool = False
-    # Send JPEG tiles already at the model's input size undecoded to the encoder, which decodes them in batches
-    # on its device (nvJPEG through torchvision on a GPU). Meant for GPUs; on a CPU it decodes in the main process.
+    # Send baseline RGB JPEG tiles undecoded to the encoder, which decodes them in batches on its device (nvJPEG
+    # through torchvision on a GPU) and resizes the ones not at the model's size there too; a JPEG it refuses is
+    # decoded with PIL. Meant for GPUs; on a CPU it decodes in the main process.
     gpu_decode: bool = False
 
     # Where weights come from.
@@ -62,8 +65,8 @@ class Settings(BaseSettings):
     tokenizer_sha256: str = CONCH_TOKENIZER_SHA256
 
     # Indexing.
-    # Decode worker processes; None: one per core when the model runs on a GPU, none on a CPU, where encoding
-    # takes ~100x longer than decoding and workers would only take cores from it.
+    # Decode worker processes; None: one per CPU this process may use, less one, when the model runs on a GPU;
+    # none on a CPU, where encoding takes ~100x longer than decoding and workers would only take cores from it.
     workers: int | None = Field(None, ge=0, le=256)
     index_type: Literal["auto", "flat", "ivf", "ivfpq", "hnsw"] = "auto"
     exact_max: int = Field(200_000, ge=1)

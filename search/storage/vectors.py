@@ -98,16 +98,30 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-_gpu_resources: dict[int, object] = {}
-_gpu_resources_lock = threading.Lock()
+@dataclass(frozen=True)
+class _Gpu:
+    """One GPU's FAISS resources and the lock every use of them takes.
+
+    One StandardGpuResources per device and process (each reserves scratch memory on the GPU), shared by
+    every index on that device: a live reload clones the new build onto it while request threads search the
+    old one. The resources are not thread-safe, so clone, train, add, search and free all hold ``lock``.
+    Re-entrant: a GPU index freed by the garbage collector inside a locked call must not deadlock.
+    """
+
+    number: int
+    resources: object
+    lock: threading.RLock
 
 
-def _gpu_resources_for(gpu: int) -> object:
-    # One StandardGpuResources per device and process: each reserves scratch memory on the GPU.
-    with _gpu_resources_lock:
-        if gpu not in _gpu_resources:
-            _gpu_resources[gpu] = faiss.StandardGpuResources()
-        return _gpu_resources[gpu]
+_gpus: dict[int, _Gpu] = {}
+_gpus_lock = threading.Lock()
+
+
+def _gpu_for(gpu: int) -> _Gpu:
+    with _gpus_lock:
+        if gpu not in _gpus:
+            _gpus[gpu] = _Gpu(gpu, faiss.StandardGpuResources(), threading.RLock())
+        return _gpus[gpu]
 
 
 def _resolve_device(device: str) -> int | None:
@@ -178,17 +192,21 @@ def _kind_of(index: faiss.Index) -> str | None:
 def _gpu_capable(kind: str, index: faiss.Index) -> bool:
     if kind == "hnsw":
         return False
+    # GPU IVF refuses an nprobe past its k-selection limit when cloned: such an index searches on the CPU.
+    if kind in ("ivf", "ivfpq") and _inner(index).nprobe > _GPU_MAX_K:
+        return False
     if kind == "ivfpq":
         return _inner(index).pq.M in _GPU_PQ_CODE_BYTES
     return True
 
 
-def _to_gpu(kind: str, index: faiss.Index, gpu: int) -> faiss.Index:
+def _to_gpu(kind: str, index: faiss.Index, gpu: _Gpu) -> faiss.Index:
     options = faiss.GpuClonerOptions()
     # For IVFPQ this means float16 lookup tables, which GPU PQ needs past 48 code bytes to fit in
     # shared memory; for flat it would store float16 vectors, so it is left off there.
     options.useFloat16 = kind == "ivfpq"
-    return faiss.index_cpu_to_gpu(_gpu_resources_for(gpu), gpu, index, options)
+    with gpu.lock:
+        return faiss.index_cpu_to_gpu(gpu.resources, gpu.number, index, options)
 
 
 def _as_ids(ids: np.ndarray) -> np.ndarray:
@@ -220,12 +238,21 @@ class VectorIndex:
         self.dim: int = index.d
         self._ids = faiss.vector_to_array(index.id_map).astype(np.int64, copy=False)
         self._sorted_ids = np.sort(self._ids)
+        # The device's lock, shared with every other index on it; a private one for a GPU index handed in
+        # without a device number (tests stand a CPU clone in for the replica).
+        self._gpu_lock = _gpu_for(gpu).lock if gpu is not None else threading.RLock()
         if gpu_index is None and gpu is not None and _gpu_capable(kind, index):
-            gpu_index = _to_gpu(kind, index, gpu)
+            gpu_index = _to_gpu(kind, index, _gpu_for(gpu))
         self._gpu = gpu_index
-        # FAISS GPU indexes must not be searched from two threads at once.
-        self._gpu_lock = threading.Lock()
         self.device: str = "cpu" if gpu_index is None else "cuda"
+
+    def __del__(self) -> None:
+        # The replica's memory goes back to the shared resources: not while another index uses them.
+        gpu_index = getattr(self, "_gpu", None)
+        if gpu_index is not None:
+            with self._gpu_lock:
+                self._gpu = None
+                del gpu_index
 
     @property
     def ntotal(self) -> int:
@@ -274,7 +301,8 @@ class VectorIndex:
             )
         if nprobe is not None and nprobe < 1:
             raise ConfigError(f"nprobe must be >= 1, got {nprobe}")
-        gpu = _resolve_device(device)
+        number = _resolve_device(device)
+        gpu = _gpu_for(number) if number is not None else None
         index = _new_index(kind, dim, n, nprobe)
         if kind in ("ivf", "ivfpq"):
             cls._train(index, vectors, gpu)
@@ -282,32 +310,35 @@ class VectorIndex:
         if gpu is not None and _gpu_capable(kind, index):
             # Adding on the GPU assigns vectors to lists there; the CPU copy is kept for reconstruct/save.
             gpu_index = _to_gpu(kind, index, gpu)
-            gpu_index.add_with_ids(vectors, ids)
             probes = _inner(index).nprobe if kind != "flat" else None
-            index = faiss.index_gpu_to_cpu(gpu_index)
+            with gpu.lock:
+                gpu_index.add_with_ids(vectors, ids)
+                index = faiss.index_gpu_to_cpu(gpu_index)
             if probes is not None:
                 _inner(index).nprobe = probes
         else:
             index.add_with_ids(vectors, ids)
         if kind in ("ivf", "ivfpq"):
             _inner(index).make_direct_map()
-        return cls(index, gpu, gpu_index)
+        return cls(index, number, gpu_index)
 
     @staticmethod
-    def _train(index: faiss.IndexIDMap2, vectors: np.ndarray, gpu: int | None) -> None:
+    def _train(index: faiss.IndexIDMap2, vectors: np.ndarray, gpu: _Gpu | None) -> None:
         ivf = _inner(index)
         size = min(len(vectors), TRAIN_POINTS_PER_LIST * ivf.nlist)
         rows = np.sort(np.random.default_rng(TRAIN_SEED).choice(len(vectors), size, replace=False))
-        clustering = None
-        if gpu is not None:
-            # k-means on the GPU; the trained centroids land in the CPU coarse quantizer.
-            clustering = faiss.index_cpu_to_gpu(_gpu_resources_for(gpu), gpu, faiss.IndexFlatIP(index.d))
-            ivf.clustering_index = clustering
-        try:
+        if gpu is None:
             index.train(vectors[rows])
-        finally:
-            if clustering is not None:
+            return
+        # k-means on the GPU; the trained centroids land in the CPU coarse quantizer.
+        with gpu.lock:
+            clustering = faiss.index_cpu_to_gpu(gpu.resources, gpu.number, faiss.IndexFlatIP(index.d))
+            ivf.clustering_index = clustering
+            try:
+                index.train(vectors[rows])
+            finally:
                 ivf.clustering_index = None
+                del clustering
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The k best (scores float32 [q,k], tile ids int64 [q,k]) per query, best first, padded with
@@ -371,11 +402,13 @@ class VectorIndex:
 
     def _filtered(self, queries: np.ndarray, k: int, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Approximate search restricted to ``candidates`` (may return fewer than k per row)."""
-        if not self._on_gpu(k):
+        # GPU indexes take no selector: over-fetch in proportion to how much the filter removes. Past the
+        # GPU's k limit that over-fetch would come back short and fall to exact scoring of every candidate
+        # (seconds at 10M): the CPU index with a selector is then the faster path.
+        fetch = min(self.ntotal, max(k, math.ceil(2 * k * self.ntotal / len(candidates))))
+        if not self._on_gpu(fetch):
             selector = faiss.IDSelectorBatch(candidates)
             return self._cpu.search(queries, k, params=self._params(k, selector))
-        # GPU indexes take no selector: over-fetch in proportion to how much the filter removes.
-        fetch = min(self.ntotal, _GPU_MAX_K, max(k, math.ceil(2 * k * self.ntotal / len(candidates))))
         scores, ids = self._search(queries, fetch)
         keep = np.isin(ids, candidates)
         # A stable sort of "not kept" moves the admitted hits to the front, still best first.
