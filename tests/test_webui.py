@@ -381,3 +381,14 @@ def test_serve_binds_loopback_by_default(indexed, monkeypatch, capsys):
     assert "without an access token" in capsys.readouterr().err
     server.serve(indexed.settings.model_copy(update={"host": "0.0.0.0", "auth_token": "t"}))
     assert "warning" not in capsys.readouterr().err
+
+
+def test_serve_leaves_no_warm_up_thread_behind(indexed, monkeypatch):
+    """A warm-up thread still loading the model at interpreter exit aborts the process (exit 134)."""
+    import threading
+
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
+    server.serve(indexed.settings)
+    assert [t.name for t in threading.enumerate() if t.name == "histosearch-warm-up"] == []

@@ -39,6 +39,12 @@ def serve(settings: Settings) -> None:
         for problem in app.state.engine.warm_up():
             log.warning("%s", problem)
 
-    # The model takes seconds to load: do it while the server starts, not in the first user's query.
-    threading.Thread(target=warm_up, name="histosearch-warm-up", daemon=True).start()
-    uvicorn.run(app, host=settings.host, port=settings.port, server_header=False)
+    # The model takes seconds to load: do it while the server starts, not in the first user's query. Joined,
+    # never left running: a daemon thread still inside torch at interpreter exit is killed mid-C++ and aborts
+    # the process ("terminate called without an active exception").
+    warming = threading.Thread(target=warm_up, name="histosearch-warm-up")
+    warming.start()
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, server_header=False)
+    finally:
+        warming.join()
