@@ -3,7 +3,10 @@ import multiprocessing
 import os
 import pickle
 import random
+import struct
 import tarfile
+import tracemalloc
+import zlib
 
 import pytest
 
@@ -105,6 +108,56 @@ def test_folder_refuses_links_out_of_the_tree(tmp_path, tiles, settings):
     assert {e.path for e in entries} == {p.relative_to(tiles).as_posix() for p in tiles.rglob("tile_*")} | {"alias.png"}
 
 
+def test_folder_symlink_loop_is_recorded_and_the_scan_goes_on(tiles, settings):
+    os.symlink("b_loop.png", tiles / "a_loop.png")
+    os.symlink("a_loop.png", tiles / "b_loop.png")
+    os.symlink("self", tiles / "case0" / "self")
+    entries, skipped = split(FolderReader(tiles, settings).scan())
+    assert {s.path: s.reason for s in skipped} == {
+        "a_loop.png": "symbolic link loop: not followed",
+        "b_loop.png": "symbolic link loop: not followed",
+        "case0/self": "symbolic link loop: not followed",
+    }
+    # Every tile sorted after the loops is still listed.
+    assert {e.path for e in entries} == {p.relative_to(tiles).as_posix() for p in tiles.rglob("tile_*")}
+
+
+def _big_member(declared: int = 12_000, body: int = 60 << 20) -> bytes:
+    """A PNG whose header declares ``declared``^2 RGB pixels, followed by ``body`` bytes of IDAT."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", declared, declared, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", bytes(body))
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize("kind", ["zip", "tar", "tar.gz", "folder"])
+def test_a_large_member_is_refused_from_its_header_without_being_read_whole(tmp_path, settings, kind):
+    data = _big_member()
+    if kind == "folder":
+        (tmp_path / "in").mkdir()
+        (tmp_path / "in" / "big.png").write_bytes(data)
+        reader = FolderReader(tmp_path / "in", settings)
+    elif kind == "zip":
+        reader = ZipReader(make_zip(tmp_path / "big.zip", {"big.png": data}), settings)
+    else:
+        reader = TarReader(make_tar(tmp_path / f"big.{kind}", {"big.png": data}, gz=kind == "tar.gz"), settings)
+    del data
+    (entry,) = list(reader.scan())
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadInput, match="big.png: 12000x12000 is too many pixels"):
+            reader.read(entry.locator)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        reader.close()
+    # The 60 MiB member is refused after its first 64 KiB.
+    assert peak < 4 << 20
+
+
 def test_folder_read_refuses_paths_out_of_the_tree(tmp_path, tiles, settings):
     (tmp_path / "secret.png").write_bytes(b"secret")
     reader = FolderReader(tiles, settings)
@@ -155,6 +208,21 @@ def test_zip_refuses_oversized_members_and_slides(tmp_path):
     reasons = {s.path: s.reason for s in skipped}
     assert "too large" in reasons["big.png"]
     assert "whole-slide" in reasons["s.svs"]
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar", "tar.gz"])
+def test_an_archive_inside_an_archive_is_recorded(tmp_path, settings, kind):
+    inner = make_zip(tmp_path / "inner.zip", {"t.png": image_bytes(make_image(16), "png")})
+    members = {"a/inner.zip": inner, "b/inner.tar.gz": b"x", "c/inner.tgz": b"x", "d/inner.tar": b"x"}
+    members["ok.png"] = image_bytes(make_image(16), "png")
+    if kind == "zip":
+        reader = ZipReader(make_zip(tmp_path / "outer.zip", members), settings)
+    else:
+        reader = TarReader(make_tar(tmp_path / f"outer.{kind}", members, gz=kind == "tar.gz"), settings)
+    entries, skipped = split(reader.scan())
+    assert [e.path for e in entries] == ["ok.png"]
+    assert {s.path for s in skipped} == {"a/inner.zip", "b/inner.tar.gz", "c/inner.tgz", "d/inner.tar"}
+    assert {s.reason for s in skipped} == {"archives inside archives are not read: extract it and index it on its own"}
 
 
 def test_zip_that_is_not_one(tmp_path, settings):

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 
 from PIL import Image, UnidentifiedImageError
 
 from search.core.errors import BadInput
 
 _FORMATS = ("JPEG", "PNG", "TIFF", "WEBP")
+
+# Pillow warns on stderr past its own pixel ceiling; the pixel count is checked here (setting
+# max_image_pixels) and an image refused for it is reported once, as a file error, not as a warning.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def decode_image(data: bytes | Image.Image, where: str, max_pixels: int) -> Image.Image:
@@ -28,21 +33,44 @@ def decode_image(data: bytes | Image.Image, where: str, max_pixels: int) -> Imag
         return data
     if not data:
         raise BadInput(f"{where}: empty file")
-    try:
-        image = Image.open(io.BytesIO(data), formats=_FORMATS)
-    except UnidentifiedImageError:
-        raise BadInput(f"{where}: not a JPEG, PNG, TIFF or WebP image (corrupt or unsupported format)") from None
-    except Image.DecompressionBombError as exc:
-        # Pillow's own ceiling (2 x Image.MAX_IMAGE_PIXELS) struck before ours could.
-        raise BadInput(f"{where}: too many pixels, refused as a decompression bomb ({exc})") from None
-    except Exception as exc:  # noqa: BLE001 - a hostile header can fail in any plugin; all mean unusable
-        raise BadInput(f"{where}: unreadable image header ({exc})") from None
-    _check_pixels(image, where, max_pixels)
+    image = _open(io.BytesIO(data), where, max_pixels)
     try:
         image.load()
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt data surfaces as many exception types
         raise BadInput(f"{where}: corrupt or truncated image ({exc})") from None
     return image
+
+
+def check_declared_pixels(head: bytes, where: str, max_pixels: int) -> None:
+    """Refuse, from the first bytes of a file, an image whose header declares too many pixels, before the
+    rest is read: a large member is never held in memory only to be refused. A header that ``head``
+    does not hold whole (a TIFF directory at the end, say) is left to the full decode."""
+    try:
+        image = Image.open(io.BytesIO(head), formats=_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise BadInput(_bomb(where, exc)) from None
+    except Exception:  # noqa: BLE001 - cut short at len(head), any plugin can fail; decode_image says why
+        return
+    _check_pixels(image, where, max_pixels)
+
+
+def _open(stream: io.BytesIO, where: str, max_pixels: int) -> Image.Image:
+    """The image ``stream`` holds, opened from its header only (no pixel decoded) and checked for size."""
+    try:
+        image = Image.open(stream, formats=_FORMATS)
+    except UnidentifiedImageError:
+        raise BadInput(f"{where}: not a JPEG, PNG, TIFF or WebP image (corrupt or unsupported format)") from None
+    except Image.DecompressionBombError as exc:
+        raise BadInput(_bomb(where, exc)) from None
+    except Exception as exc:  # noqa: BLE001 - a hostile header can fail in any plugin; all mean unusable
+        raise BadInput(f"{where}: unreadable image header ({exc})") from None
+    _check_pixels(image, where, max_pixels)
+    return image
+
+
+def _bomb(where: str, exc: Exception) -> str:
+    # Pillow's own ceiling (2 x Image.MAX_IMAGE_PIXELS) struck before ours could.
+    return f"{where}: too many pixels, refused as a decompression bomb ({exc})"
 
 
 def _check_pixels(image: Image.Image, where: str, max_pixels: int) -> None:

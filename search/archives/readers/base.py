@@ -16,14 +16,21 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, ClassVar
+from typing import IO, Any, ClassVar
 
 from PIL import Image
 
+from search.core.errors import BadInput
 from search.core.settings import Settings
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"})
+from ..decode import check_declared_pixels
 
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"})
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+NESTED_ARCHIVE = "archives inside archives are not read: extract it and index it on its own"
+
+# Enough of a file for the header of any tile image but a TIFF whose directory comes last.
+HEADER_BYTES = 64 * 1024
 # Whole-slide readers keep a few slides open; more would hold one pixel cache each.
 _MAX_OPEN_HANDLES = 8
 
@@ -68,6 +75,10 @@ def is_image_name(name: str) -> bool:
     return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def is_archive_name(name: str) -> bool:
+    return name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
 def is_junk_name(name: str) -> bool:
     """macOS resource forks and Finder files carry image names but no image."""
     parts = name.replace("\\", "/").split("/")
@@ -97,6 +108,22 @@ def member_path(name: str) -> str:
 def byte_limit(settings: Settings) -> int:
     """Largest tile file read into memory: an uncompressed RGBA image at the pixel limit, plus headers."""
     return settings.max_image_pixels * 4 + (1 << 20)
+
+
+def read_stream(stream: IO[bytes], size: int, where: str, settings: Settings) -> bytes:
+    """The bytes of a tile file of declared ``size``, read from ``stream`` front to back (no seek: a
+    tar.gz seeks backwards only by decompressing again), refused as soon as the size or the image
+    header says it cannot be a tile, and never more than ``byte_limit`` bytes."""
+    limit = byte_limit(settings)
+    if size > limit:
+        raise BadInput(f"{where}: {size} bytes is too large for a tile (setting max_image_pixels)")
+    head = stream.read(HEADER_BYTES)
+    if len(head) == HEADER_BYTES:
+        check_declared_pixels(head, where, settings.max_image_pixels)
+    data = head + stream.read(limit + 1 - len(head))
+    if len(data) > limit:
+        raise BadInput(f"{where}: too large for a tile (setting max_image_pixels)")
+    return data
 
 
 class Reader(ABC):

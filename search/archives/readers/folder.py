@@ -7,6 +7,7 @@ of the folder, and a link to a folder (walked at its own path instead), are reco
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from PIL import Image
 
 from search.core.errors import BadInput
 
-from .base import IMAGE_EXTENSIONS, Reader, Skipped, TileEntry, byte_limit, unsafe_member_reason
+from .base import IMAGE_EXTENSIONS, Reader, Skipped, TileEntry, byte_limit, read_stream, unsafe_member_reason
 from .slide import (
     SLIDE_EXTENSIONS,
     TIFF_EXTENSIONS,
@@ -52,7 +53,14 @@ class FolderReader(Reader):
                 continue
             rel = prefix + entry.name
             if entry.is_symlink():
-                real = os.path.realpath(entry.path)
+                try:
+                    real = os.path.realpath(entry.path, strict=True)
+                except OSError as exc:
+                    if exc.errno == errno.ELOOP:
+                        # Recorded here: following it would raise out of the walk and lose every later entry.
+                        yield Skipped(rel, "symbolic link loop: not followed")
+                        continue
+                    real = os.path.realpath(entry.path)
                 if not _inside(real, real_root):
                     yield Skipped(rel, f"symbolic link to {real}, outside the input folder: not followed")
                     continue
@@ -60,7 +68,12 @@ class FolderReader(Reader):
                     # Its target is inside the tree, so it is walked at its own path (and links cannot loop).
                     yield Skipped(rel, "symbolic link to a folder of the input: walked at its own path")
                     continue
-            if entry.is_dir():
+            try:
+                is_dir = entry.is_dir()
+            except OSError as exc:
+                yield Skipped(rel, f"cannot read ({exc.strerror})")
+                continue
+            if is_dir:
                 yield from self._walk(Path(entry.path), rel + "/", real_root)
                 continue
             ext = os.path.splitext(entry.name)[1].lower()
@@ -91,19 +104,16 @@ class FolderReader(Reader):
         if tile is not None:
             return read_slide_tile(self, self._resolve(tile.slide), tile)
         path = self._resolve(locator)
-        limit = byte_limit(self.settings)
         try:
             # O_NONBLOCK: a FIFO swapped in since the scan must not hang the worker.
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
             with os.fdopen(fd, "rb") as f:
-                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
                     raise BadInput(f"{locator}: not a regular file")
-                data = f.read(limit + 1)
+                return read_stream(f, st.st_size, locator, self.settings)
         except OSError as exc:
             raise BadInput(f"{locator}: cannot read ({exc.strerror})") from None
-        if len(data) > limit:
-            raise BadInput(f"{locator}: too large for a tile (setting max_image_pixels)")
-        return data
 
     def _resolve(self, rel: str) -> Path:
         """The file ``rel`` names, refused when it would lead out of the folder."""

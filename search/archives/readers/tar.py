@@ -22,13 +22,16 @@ from pathlib import Path, PurePosixPath
 from search.core.errors import BadInput
 
 from .base import (
+    NESTED_ARCHIVE,
     Reader,
     Skipped,
     TileEntry,
     byte_limit,
+    is_archive_name,
     is_image_name,
     is_junk_name,
     member_path,
+    read_stream,
     unsafe_member_reason,
 )
 from .slide import SLIDE_EXTENSIONS
@@ -138,6 +141,8 @@ class TarReader(Reader):
                     seen.add(name)
                 elif PurePosixPath(name).suffix.lower() in SLIDE_EXTENSIONS:
                     skipped.append(Skipped(path, "whole-slide file inside an archive: extract it to a folder"))
+                elif is_archive_name(name):
+                    skipped.append(Skipped(path, NESTED_ARCHIVE))
                 elif reason is None and info.size <= _SIDECAR_MAX_BYTES:
                     key, ext = sample_key(path)
                     data = opened.archive.extractfile(info).read()
@@ -176,7 +181,7 @@ class TarReader(Reader):
                 reason = _refusal(info) or ("too large for a tile" if info.size > byte_limit(self.settings) else None)
                 if reason is not None:
                     raise BadInput(f"{where}: {reason}")
-                data = opened.archive.extractfile(info).read()
+                data = read_stream(opened.archive.extractfile(info), info.size, where, self.settings)
             except _ERRORS as exc:
                 self._drop_handle("tar")
                 raise BadInput(f"{where}: corrupt or truncated archive ({exc})") from None

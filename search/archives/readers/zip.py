@@ -11,13 +11,16 @@ from pathlib import PurePosixPath
 from search.core.errors import BadInput
 
 from .base import (
+    NESTED_ARCHIVE,
     Reader,
     Skipped,
     TileEntry,
     byte_limit,
+    is_archive_name,
     is_image_name,
     is_junk_name,
     member_path,
+    read_stream,
     unsafe_member_reason,
 )
 from .slide import SLIDE_EXTENSIONS
@@ -66,6 +69,8 @@ class ZipReader(Reader):
             if not is_image_name(name):
                 if PurePosixPath(path).suffix.lower() in SLIDE_EXTENSIONS:
                     found.append(Skipped(path, "whole-slide file inside an archive: extract it to a folder"))
+                elif is_archive_name(name):
+                    found.append(Skipped(path, NESTED_ARCHIVE))
                 continue
             if last[name] != i:
                 found.append(Skipped(path, "duplicate member name: only the last copy is read"))
@@ -88,6 +93,7 @@ class ZipReader(Reader):
         if reason is not None:
             raise BadInput(f"{self.root.name}:{locator}: {reason}")
         try:
-            return archive.read(info)
+            with archive.open(info) as member:
+                return read_stream(member, info.file_size, f"{self.root.name}:{locator}", self.settings)
         except (zipfile.BadZipFile, zlib.error, OSError, EOFError, RuntimeError) as exc:
             raise BadInput(f"{self.root.name}:{locator}: corrupt member ({exc})") from None
