@@ -10,22 +10,24 @@ stored embeddings beside the live one and published by an atomic pointer swap.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from filelock import FileLock, Timeout
+from filelock import FileLock
 from tqdm import tqdm
 
 from indexer.batches import BatchEncoder, Encoded
+from indexer.lock import acquire as acquire_lock
 from indexer.manifest import Manifest, identity
 from indexer.pipeline import Decoded, DecodePool, Failed, default_workers
 from indexer.texts import BUILTIN_CORPUS, TextItem, builtin_vocabulary, load_corpus
 from search.archives.readers import Reader, Skipped, TileEntry, open_reader
 from search.conch.encoder import Encoder
-from search.core.errors import BadInput, IndexBusy
+from search.core.errors import BadInput, HistosearchError
 from search.core.settings import Settings
 from search.storage.index_directory import IndexDirectory
 from search.storage.store import Store, TileState
@@ -39,12 +41,36 @@ MOVED_CHUNK = 4096
 class SourceReport:
     uri: str
     kind: str = ""
+    source_id: int | None = None
     new: int = 0
     changed: int = 0
     unchanged: int = 0
     reembedded: int = 0
     removed: int = 0
     errors: int = 0
+    # Why the input could not be read at all, when it could not, and how many of its tiles indexed before
+    # are kept meanwhile.
+    problem: str = ""
+    kept: int = 0
+
+    @property
+    def tiles(self) -> int:
+        """Tiles of this input that are indexed and up to date after the run."""
+        return self.new + self.changed + self.unchanged + self.reembedded
+
+    @property
+    def yielded_nothing(self) -> bool:
+        return self.tiles == 0 and self.removed == 0 and self.kept == 0
+
+    def line(self) -> str:
+        if self.yielded_nothing:
+            return f"{self.uri}: no tiles ({self.problem or 'no tile image found in it'})"
+        if self.kept:
+            return f"{self.uri}: not read ({self.problem}); its {self.kept} indexed tiles are kept"
+        return (
+            f"{self.uri} ({self.kind or '?'}): {self.new} new, {self.changed} changed, {self.reembedded} re-embedded, "
+            f"{self.removed} removed, {self.unchanged} unchanged, {self.errors} errors"
+        )
 
 
 @dataclass
@@ -53,17 +79,19 @@ class RunReport:
     sources: list[SourceReport] = field(default_factory=list)
     texts_embedded: int = 0
     build: dict | None = None
+    manifest: str = ""
 
     @property
     def errors(self) -> int:
         return sum(s.errors for s in self.sources)
 
+    @property
+    def tiles(self) -> int:
+        return sum(s.tiles for s in self.sources)
+
     def summary(self) -> str:
-        lines = [
-            f"{s.uri} ({s.kind or '?'}): {s.new} new, {s.changed} changed, {s.reembedded} re-embedded, "
-            f"{s.removed} removed, {s.unchanged} unchanged, {s.errors} errors"
-            for s in self.sources
-        ]
+        lines = [self.manifest] if self.manifest else []
+        lines += [s.line() for s in self.sources]
         if self.texts_embedded:
             lines.append(f"texts: {self.texts_embedded} embedded")
         if self.build:
@@ -85,15 +113,24 @@ class _Work:
 
 class Indexer:
     def __init__(
-        self, settings: Settings, *, store: Store | None = None, encoder: Encoder | None = None, progress: bool = False
+        self,
+        settings: Settings,
+        *,
+        store: Store | None = None,
+        encoder: Encoder | None = None,
+        progress: bool = False,
+        lock: FileLock | None = None,
     ) -> None:
+        """``lock``: the indexer lock when the caller took it already (the CLI does, before importing this)."""
         self.settings = settings
+        self._held = lock
         self.store = store or Store(settings.db_url)
         self._encoder = encoder
         self.progress = progress
         self.directory = IndexDirectory(settings.data_dir / "index")
         self._dirty = False
         self._pool: DecodePool | None = None
+        self._report = RunReport(0)
 
     @property
     def encoder(self) -> Encoder:
@@ -102,19 +139,11 @@ class Indexer:
         return self._encoder
 
     def lock(self, wait: bool = False) -> FileLock:
-        """The one-indexer-at-a-time lock; a second indexer waits (``wait``) or stops with IndexBusy."""
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(self.settings.data_dir / "indexer.lock", timeout=-1 if wait else 0)
-        try:
-            lock.acquire()
-        except Timeout:
-            job = self.store.running_job()
-            who = f" (job {job['id']}, pid {job['pid']}, started {job['started_at']})" if job else ""
-            raise IndexBusy(
-                f"another indexer is running on {self.settings.data_dir}{who}: wait for it to finish, "
-                "or run again with --wait to queue behind it"
-            ) from None
-        return lock
+        """The one-indexer-at-a-time lock (``indexer.lock``); the one given at construction is re-entered."""
+        if self._held is not None:
+            self._held.acquire()
+            return self._held
+        return acquire_lock(self.settings, wait)
 
     def run(
         self, paths: list[Path] | None = None, *, manifest: Path | None = None, kind: str = "index", wait: bool = False
@@ -126,14 +155,20 @@ class Indexer:
                 paths = [Path(s["uri"]) for s in self.store.sources()]
             args = {"paths": [str(p) for p in paths], "manifest": str(manifest) if manifest else None}
             with self._job(kind, args) as job:
-                report = RunReport(job.id)
+                report = self._report
                 manifest_obj = Manifest.load(manifest) if manifest else None
+                if manifest_obj is not None:
+                    report.manifest = f"manifest {manifest}: {len(manifest_obj)} rows keyed by '{manifest_obj.key}'"
                 fingerprint = self.encoder.fingerprint
                 changed = False
                 for path in paths:
                     source = self._sync_source(Path(path), manifest, manifest_obj, job.id)
                     report.sources.append(source)
+                    self._save_counts()
                     changed |= bool(source.new or source.changed or source.reembedded or source.removed)
+                if report.sources and all(s.yielded_nothing for s in report.sources):
+                    # Nothing to search came of any input: an error, not a quiet success.
+                    raise BadInput("; ".join(s.line() for s in report.sources))
                 report.texts_embedded = self._sync_texts(fingerprint)
                 report.build = self.build_index(force=changed)
                 job.message = report.summary()
@@ -148,15 +183,40 @@ class Indexer:
         when the block ends, failed or interrupted when it raises."""
         self.store.mark_stale_jobs_interrupted()
         job = _Job(self.store.start_job(kind, args))
+        self._report = RunReport(job.id)
         try:
             yield job
         except KeyboardInterrupt:
+            self._save_counts()
             self.store.finish_job(job.id, "interrupted", "interrupted by the user")
             raise
         except Exception as exc:
-            self.store.finish_job(job.id, "failed", str(exc))
+            self._save_counts()
+            self.store.finish_job(job.id, "failed", exc.message if isinstance(exc, HistosearchError) else str(exc))
             raise
+        self._save_counts()
         self.store.finish_job(job.id, "done", job.message)
+
+    # --- progress and errors -----------------------------------------------------------------------
+
+    def _save_counts(self, current: SourceReport | None = None) -> None:
+        """The run's counts so far over every source, ``current`` (the source being synced) included:
+        written with each commit, so `status` shows the whole run, never one source's share of it."""
+        report = self._report
+        sources = [*report.sources, current] if current is not None else report.sources
+        done, errors = sum(s.tiles for s in sources), sum(s.errors for s in sources)
+        self.store.update_job(report.job_id, done=done, errors=errors)
+
+    def _error(self, report: SourceReport, where: str, reason: str, *prefixes: str) -> str:
+        """Record that ``where`` cannot be used now. ``reason`` loses a leading ``prefix: `` naming the file
+        again: the record already names it."""
+        for prefix in prefixes:
+            if reason.startswith(f"{prefix}: "):
+                reason = reason[len(prefix) + 2 :]
+                break
+        self.store.record_error(where, reason, job_id=self._report.job_id, source_id=report.source_id)
+        report.errors += 1
+        return reason
 
     # --- sources ---------------------------------------------------------------------------------
 
@@ -169,11 +229,12 @@ class Indexer:
             reader = open_reader(path, self.settings)
         except BadInput as exc:
             # A missing or unreadable archive keeps what was indexed from it: nothing is lost to bad input.
-            self.store.record_error(uri, exc.message, job_id=job_id)
-            report.errors += 1
+            report.problem = self._error(report, uri, exc.message, str(path), path.name, uri)
+            report.kept = next((src["tiles"] for src in self.store.sources() if src["uri"] == uri), 0)
             return report
         report.kind = reader.kind
-        source_id = self.store.get_or_create_source(reader.kind, uri)
+        source_id = report.source_id = self.store.get_or_create_source(reader.kind, uri)
+        self.store.clear_errors(None, path=uri)
         manifest_key = f"manifest:{source_id}"
         if manifest_path is not None:
             self.store.set_meta(manifest_key, str(manifest_path.resolve()))
@@ -181,8 +242,8 @@ class Indexer:
             manifest = Manifest.load(Path(saved))
         try:
             existing = self.store.tile_states(source_id)
-            work, seen, complete = self._plan(reader, existing, source_id, job_id, report)
-            self._embed(reader, work, source_id, manifest, job_id, report)
+            work, seen, complete = self._plan(reader, existing, report)
+            self._embed(reader, work, source_id, manifest, report)
             if complete:
                 removed = [state.id for locator, state in existing.items() if locator not in seen]
                 if removed:
@@ -190,21 +251,32 @@ class Indexer:
                 self.store.delete_tiles(removed)
                 report.removed = len(removed)
                 self.store.mark_scanned(source_id)
+                # An error is a state of a file: one that reads well now, or is gone, has none any more.
+                self.store.clear_errors(source_id, keep_job=job_id)
         finally:
             reader.close()
+        if report.yielded_nothing and report.errors:
+            report.problem = f"{report.errors} files refused; `histosearch status` lists them"
         return report
 
+    @staticmethod
+    def _where(reader: Reader, uri: str, path: str) -> str:
+        """A file of an input as people find it: its own path in a folder, ``archive:member`` otherwise."""
+        if reader.kind == "folder" and path not in ("", "."):
+            return os.path.join(uri, path)
+        return f"{uri}:{path}" if path not in ("", ".", reader.root.name) else uri
+
     def _plan(
-        self, reader: Reader, existing: dict[str, TileState], source_id: int, job_id: int, report: SourceReport
+        self, reader: Reader, existing: dict[str, TileState], report: SourceReport
     ) -> tuple[list[_Work], set[str], bool]:
         fingerprint = self.encoder.fingerprint
         work: list[_Work] = []
         seen: set[str] = set()
+        uri = report.uri
         try:
             for item in reader.scan():
                 if isinstance(item, Skipped):
-                    self.store.record_error(item.path, item.reason, job_id=job_id, source_id=source_id)
-                    report.errors += 1
+                    self._error(report, self._where(reader, uri, item.path), item.reason, item.path)
                     continue
                 seen.add(item.locator)
                 state = existing.get(item.locator)
@@ -214,9 +286,8 @@ class Indexer:
                     work.append(_Work(item, state))
         except (BadInput, OSError, EOFError) as exc:
             # A listing cut short must not read as "every later tile was removed".
-            reason = exc.message if isinstance(exc, BadInput) else f"{reader.root}: listing failed ({exc})"
-            self.store.record_error(str(reader.root), reason, job_id=job_id, source_id=source_id)
-            report.errors += 1
+            reason = exc.message if isinstance(exc, BadInput) else f"listing failed ({exc})"
+            self._error(report, uri, reason, str(reader.root), reader.root.name)
             return work, seen, False
         return work, seen, True
 
@@ -226,7 +297,6 @@ class Indexer:
         work: list[_Work],
         source_id: int,
         manifest: Manifest | None,
-        job_id: int,
         report: SourceReport,
     ) -> None:
         if not work:
@@ -243,8 +313,7 @@ class Indexer:
             """One batch's tiles and vectors, in one transaction per kind of change."""
             nonlocal done
             for (w, _), reason in encoded.failed:
-                self.store.record_error(w.entry.path, reason, job_id=job_id, source_id=source_id)
-                report.errors += 1
+                self._error(report, self._where(reader, report.uri, w.entry.path), reason, w.entry.locator)
             batch, vectors = encoded.items, encoded.vectors
             if batch:
                 self._mark_dirty()
@@ -276,7 +345,7 @@ class Indexer:
             report.reembedded += len(reembed)
             done += len(batch) + len(encoded.failed)
             bar.update(len(batch) + len(encoded.failed))
-            self.store.update_job(job_id, done=done, errors=report.errors)
+            self._save_counts(report)
 
         fingerprint = encoder.fingerprint
         batches: BatchEncoder[tuple[_Work, Decoded]] = BatchEncoder(encoder, self.settings.max_image_pixels)
@@ -285,8 +354,8 @@ class Indexer:
                 w = by_locator[result.locator]
                 if isinstance(result, Failed):
                     # A tile already indexed keeps its old vector until it reads well again.
-                    self.store.record_error(w.entry.path, result.reason, job_id=job_id, source_id=source_id)
-                    report.errors += 1
+                    where = self._where(reader, report.uri, w.entry.path)
+                    self._error(report, where, result.reason, f"{reader.root.name}:{w.entry.locator}", w.entry.locator)
                     bar.update(1)
                     continue
                 state = w.state

@@ -1,9 +1,11 @@
 """Case and slide identity of each tile: from an optional manifest CSV, else from the tile's path.
 
 A manifest is a CSV (tab-separated when named ``.tsv``) with a header row. Its key column,
-``path`` (or ``file``, ``slide``, ``filename``), names a tile file, a slide file or a folder of
-tiles relative to the archive root; ``case_id``, ``slide_id`` and every other column become the
-tile's metadata. Column names are matched case-insensitively and stored in lower case.
+the first of ``path``, ``file``, ``slide``, ``filename``, ``slide_id``, ``case_id`` it has, names a
+tile file, a slide file or a folder of tiles relative to the archive root (a ``slide_id`` or
+``case_id`` key names the slide's or case's folder, or the slide file's stem); ``case_id``,
+``slide_id`` and every other column become the tile's metadata. Column names are matched
+case-insensitively and stored in lower case.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from pathlib import Path, PurePosixPath
 from search.archives.readers.slide import SLIDE_EXTENSIONS
 from search.core.errors import BadInput, ConfigError
 
-KEY_COLUMNS = ("path", "file", "slide", "filename")
+KEY_COLUMNS = ("path", "file", "slide", "filename", "slide_id", "case_id")
+# Key columns that are identities too: a row keyed by its slide_id names a slide folder (or file stem)
+# and still gives its tiles that slide_id.
+_IDENTITY_KEYS = ("slide_id", "case_id")
 
 
 def _norm(path: str) -> str:
@@ -28,9 +33,11 @@ def _norm(path: str) -> str:
 
 
 class Manifest:
-    def __init__(self, rows: dict[str, dict[str, str]], source: str = "manifest") -> None:
-        """``rows`` maps a relative path (file, slide or folder) to that row's other columns."""
+    def __init__(self, rows: dict[str, dict[str, str]], source: str = "manifest", key: str = "path") -> None:
+        """``rows`` maps a relative path (file, slide or folder) to that row's other columns; ``key`` is
+        the column those paths came from."""
         self.source = source
+        self.key = key
         self._by_path = {_norm(k): v for k, v in rows.items()}
         self._by_name = self._unique(PurePosixPath(k).name for k in self._by_path)
         self._by_stem = self._unique(PurePosixPath(k).stem for k in self._by_path)
@@ -60,7 +67,8 @@ class Manifest:
         try:
             header = [h.strip().lower() for h in next(reader, [])]
             if not any(header):
-                raise BadInput(f"manifest {path}: empty; it needs a header row with a 'path' column")
+                keys = ", ".join(KEY_COLUMNS)
+                raise BadInput(f"manifest {path}: empty; it needs a header row with a key column ({keys})")
             key = next((k for k in KEY_COLUMNS if k in header), None)
             if key is None:
                 raise BadInput(
@@ -81,7 +89,7 @@ class Manifest:
                         f"manifest {path}, line {line}: {len(values)} fields where the header has {len(header)}"
                     )
                 record = dict(zip(header, (v.strip() for v in values), strict=True))
-                name = _norm(record.pop(key))
+                name = _norm(record[key] if key in _IDENTITY_KEYS else record.pop(key))
                 if not name:
                     raise BadInput(f"manifest {path}, line {line}: empty '{key}'")
                 if name in first_line:
@@ -90,7 +98,7 @@ class Manifest:
                 rows[name] = {k: v for k, v in record.items() if v}
         except csv.Error as exc:
             raise BadInput(f"manifest {path}, line {reader.line_num}: bad CSV ({exc})") from None
-        return cls(rows, source=str(path))
+        return cls(rows, source=str(path), key=key)
 
     def lookup(self, path: str) -> dict[str, str]:
         """The row for ``path``: exact relative path, else file name, else stem, else the nearest

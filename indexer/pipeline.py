@@ -21,9 +21,11 @@ import contextlib
 import io
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import shutil
+import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -117,6 +119,7 @@ _worker: dict = {}
 
 
 def _init_worker(preprocess: Preprocess, max_pixels: int, jpeg_passthrough: bool) -> None:
+    _exit_with_parent()
     _worker.update(preprocess=preprocess, max_pixels=max_pixels, passthrough=jpeg_passthrough, readers=OrderedDict())
 
 
@@ -276,6 +279,20 @@ class DecodePool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _exit_with_parent() -> None:
+    """In a worker: exit as soon as the parent process is gone. Killed with kill -9, the parent never
+    tells its workers to stop, and each would otherwise wait for work forever holding its memory."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _chunked(items: Iterable[str], size: int) -> Iterator[list[str]]:

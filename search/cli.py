@@ -9,10 +9,12 @@ type and choices from the Settings model and names the setting as the option's d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -22,6 +24,7 @@ from search.core.settings import Settings, load_settings
 if TYPE_CHECKING:
     from PIL import Image
 
+    from indexer.indexer import Indexer
     from search.engine.filters import Filters
 
 
@@ -185,10 +188,18 @@ def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _indexer(settings: Settings, args: argparse.Namespace):
-    from indexer.indexer import Indexer
+@contextlib.contextmanager
+def _indexer(settings: Settings, args: argparse.Namespace) -> Iterator[Indexer]:
+    """The indexer, with its lock taken first: a refused second indexer stops before torch is imported."""
+    from indexer.lock import acquire
 
-    return Indexer(settings, progress=not getattr(args, "quiet", False))
+    lock = acquire(settings, args.wait)
+    try:
+        from indexer.indexer import Indexer
+
+        yield Indexer(settings, progress=not getattr(args, "quiet", False), lock=lock)
+    finally:
+        lock.release()
 
 
 def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
@@ -197,25 +208,30 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
         raise BadInput(f"no such file or folder: {', '.join(missing)}")
     if args.manifest is not None and not args.manifest.is_file():
         raise BadInput(f"{args.manifest}: no such manifest file")
-    report = _indexer(settings, args).run(args.paths, manifest=args.manifest, kind="index", wait=args.wait)
+    with _indexer(settings, args) as indexer:
+        report = indexer.run(args.paths, manifest=args.manifest, kind="index", wait=args.wait)
     print(report.summary())
     return 0
 
 
 def cmd_reindex(args: argparse.Namespace, settings: Settings) -> int:
-    report = _indexer(settings, args).run(args.paths or None, kind="reindex", wait=args.wait)
+    with _indexer(settings, args) as indexer:
+        report = indexer.run(args.paths or None, kind="reindex", wait=args.wait)
     print(report.summary() or "nothing indexed yet: run `histosearch index PATH` first")
     return 0
 
 
 def cmd_remove(args: argparse.Namespace, settings: Settings) -> int:
-    for uri, tiles in _indexer(settings, args).remove(args.paths, wait=args.wait).items():
+    with _indexer(settings, args) as indexer:
+        removed = indexer.remove(args.paths, wait=args.wait)
+    for uri, tiles in removed.items():
         print(f"{uri}: removed with its {tiles} tiles")
     return 0
 
 
 def cmd_index_texts(args: argparse.Namespace, settings: Settings) -> int:
-    added = _indexer(settings, args).index_texts(args.files, args.corpus, wait=args.wait)
+    with _indexer(settings, args) as indexer:
+        added = indexer.index_texts(args.files, args.corpus, wait=args.wait)
     print(f"added {added} texts")
     return 0
 

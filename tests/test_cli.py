@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from indexer.texts import builtin_vocabulary
 from search.cli import _setting_option, _settings_from, build_parser, main
 from search.core.settings import Settings
 from search.engine.engine import Engine
-from tests.archives import make_tiles
+from tests.archives import files_under, make_hostile_zip, make_tiles, make_zip
 
 
 @pytest.fixture
@@ -183,3 +185,64 @@ def test_the_cli_loads_no_lower_layer_until_a_command_needs_it():
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert loaded == ["search", "search.cli", "search.core", "search.core.errors", "search.core.settings"]
+
+
+def test_status_names_the_archive_of_a_refused_member_once(cli, tmp_path, capsys):
+    make_hostile_zip(tmp_path / "hostile.zip")
+    assert cli("index", str(tmp_path / "hostile.zip"), "--quiet", "--workers", "0") == 0
+    capsys.readouterr()
+    assert cli("status") == 0
+    out = capsys.readouterr().out
+    archive = (tmp_path / "hostile.zip").resolve()
+    assert f"  {archive}:../evil.png: member path with '..' refused\n" in out
+    assert "1 tiles" in out and "errors" in out
+
+
+def test_a_manifest_keyed_by_slide_id_says_so(cli, tmp_path, capsys):
+    make_tiles(tmp_path / "tiles", 3)
+    make_zip(tmp_path / "tiles.zip", files_under(tmp_path / "tiles"))
+    manifest = tmp_path / "slides.csv"
+    manifest.write_text("slide_id,case_id,organ\nslide0,P7,breast\n")
+    assert cli("index", str(tmp_path / "tiles.zip"), "--manifest", str(manifest), "--quiet", "--workers", "0") == 0
+    assert f"manifest {manifest}: 1 rows keyed by 'slide_id'" in capsys.readouterr().out
+    assert cli("query", "glands", "-k", "5", "--case", "P7", "--json") == 0
+    hits = json.loads(capsys.readouterr().out)["results"]
+    assert {h["path"] for h in hits} == {"case0/slide0/tile_000.jpg"} and hits[0]["meta"] == {"organ": "breast"}
+
+
+def test_a_text_file_given_to_index_is_an_error(cli, tmp_path, capsys):
+    (tmp_path / "x.txt").write_text("not tiles")
+    assert cli("index", str(tmp_path / "x.txt"), "--quiet") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("histosearch: error: ") and "x.txt: no tiles (x.txt: not" not in err
+    assert f"{(tmp_path / 'x.txt').resolve()}: no tiles (not an input histosearch reads" in err
+    assert len(err.splitlines()) == 1
+
+
+REFUSED = textwrap.dedent(
+    """
+    import sys
+    from filelock import FileLock
+    from search.cli import main
+
+    held = FileLock(sys.argv[1] + "/indexer.lock")
+    held.acquire()
+    code = main(["--data-dir", sys.argv[1], "index", sys.argv[2], "--quiet"])
+    print(code, "torch" in sys.modules)
+    """
+)
+
+
+def test_a_refused_second_indexer_stops_before_importing_torch(tmp_path):
+    (tmp_path / "data").mkdir()
+    make_tiles(tmp_path / "tiles", 1)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    done = subprocess.run(
+        [sys.executable, "-c", REFUSED, str(tmp_path / "data"), str(tmp_path / "tiles")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert "another indexer is running" in done.stderr

@@ -1,6 +1,9 @@
 import hashlib
 import io
+import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -113,3 +116,19 @@ def test_content_hash_of_images_covers_pixels_and_size():
     raw = bytes(range(48))
     wide, tall = Image.frombytes("RGB", (8, 2), raw), Image.frombytes("RGB", (2, 8), raw)
     assert content_hash(wide) != content_hash(tall)
+
+
+def test_pillows_bomb_warning_does_not_reach_stderr(tmp_path):
+    """Pillow warns past its own ceiling (~89 M pixels); the refusal is ours to report, once."""
+    (tmp_path / "big.png").write_bytes(bomb_png(10_000, 9_500))
+    code = (
+        "import sys; from search.archives.decode import decode_image; from search.core.errors import BadInput\n"
+        "try:\n    decode_image(open(sys.argv[1], 'rb').read(), 'big.png', 1000)\n"
+        "except BadInput as exc:\n    print(exc.message)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "big.png")], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.startswith("big.png: 10000x9500 is too many pixels")
+    assert done.stderr == ""

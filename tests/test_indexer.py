@@ -187,15 +187,66 @@ def test_bad_files_are_recorded_and_skipped(indexer, tiny_settings, tmp_path):
     report = indexer.run([root, tmp_path / "hostile.zip"])
     assert report.sources[0].new == 3 and report.sources[1].new == 1
     errors = {e["path"]: e["reason"] for e in indexer.store.recent_errors(50)}
-    assert "corrupt.png" in errors and "truncated.jpg" in errors
-    assert "decompression bomb" in errors["bomb.png"]
-    assert any("'..'" in r for p, r in errors.items() if "evil" in p)
+    # A folder's file by its own path, an archive member as archive:member; the reason does not repeat it.
+    folder, archive = str(root.resolve()), str((tmp_path / "hostile.zip").resolve())
+    assert errors[f"{folder}/corrupt.png"].startswith("unreadable image header")
+    assert errors[f"{folder}/truncated.jpg"].startswith("corrupt or truncated image")
+    assert "decompression bomb" in errors[f"{folder}/bomb.png"]
+    assert errors[f"{archive}:../evil.png"] == "member path with '..' refused"
+    assert not any(reason.startswith(("corrupt.png", "hostile.zip", "bomb.png")) for reason in errors.values())
+    # An error is a state of a file: a no-op reindex records the same errors, not a second row each.
+    report = indexer.run(kind="reindex")
+    assert report.errors == len(errors) and len(indexer.store.recent_errors(50)) == len(errors)
+    # A file that reads well again has no error any more.
+    (root / "corrupt.png").unlink()
+    indexer.run([root], kind="reindex")
+    assert f"{folder}/corrupt.png" not in {e["path"] for e in indexer.store.recent_errors(50)}
     # A tile that goes bad later keeps its indexed vector.
     victim = root / "case0" / "slide0" / "tile_000.jpg"
     victim.write_bytes(b"broken now")
     report = indexer.run([root], kind="reindex")
     assert report.sources[0].errors >= 1
     assert "case0/slide0/tile_000.jpg" in _tiles(indexer.store)
+
+
+def test_job_counts_cover_the_whole_run_and_are_saved(indexer, tmp_path):
+    make_tiles(tmp_path / "a", 5)
+    (tmp_path / "a" / "bad1.png").write_bytes(b"not a png")
+    make_tiles(tmp_path / "b", 4, seed=7)
+    for i in range(3):
+        (tmp_path / "b" / f"bad{i}.jpg").write_bytes(b"not a jpeg")
+    make_hostile_zip(tmp_path / "hostile.zip")
+    report = indexer.run([tmp_path / "a", tmp_path / "b", tmp_path / "hostile.zip"])
+    job = indexer.store.last_job()
+    assert report.tiles == 10 and report.errors > 4
+    assert (job["done"], job["errors"]) == (report.tiles, report.errors)
+
+
+@pytest.mark.parametrize("kind", ["text", "fake zip", "fake tar.gz", "single image", "empty folder"])
+def test_an_input_that_yields_no_tile_is_an_error(indexer, tmp_path, kind):
+    path = {
+        "text": tmp_path / "x.txt",
+        "fake zip": tmp_path / "x.zip",
+        "fake tar.gz": tmp_path / "x.tar.gz",
+        "single image": tmp_path / "x.png",
+        "empty folder": tmp_path / "empty",
+    }[kind]
+    if kind == "empty folder":
+        path.mkdir()
+        (path / "notes.txt").write_text("no tiles here")
+    elif kind == "single image":
+        path.write_bytes(image_bytes(make_image(64), "png"))
+    else:
+        path.write_bytes(b"hello, not an archive")
+    with pytest.raises(BadInput, match=f"{path.name}: no tiles \\(") as raised:
+        indexer.run([path])
+    assert "\n" not in raised.value.message
+    assert indexer.store.last_job()["status"] == "failed"
+    # With another input that has tiles, the run succeeds and its summary names the one without.
+    make_tiles(tmp_path / "tiles", 2)
+    report = indexer.run([path, tmp_path / "tiles"])
+    assert report.sources[1].new == 2
+    assert f"{path.resolve()}: no tiles (" in report.summary()
 
 
 def test_missing_archive_keeps_its_tiles(indexer, tmp_path):
@@ -333,7 +384,8 @@ def test_jpeg_passthrough_decodes_on_the_encoder_device_with_the_same_vectors(
     report = passthrough.run([root])
     assert refusals
     assert report.sources[0].new == 7 and report.sources[0].errors == 1
-    assert {e["path"] for e in passthrough.store.recent_errors()} == {"broken.jpg"}
+    ((path, reason),) = [(e["path"], e["reason"]) for e in passthrough.store.recent_errors()]
+    assert path == str((root / "broken.jpg").resolve()) and reason.startswith("corrupt or truncated")
     a = dict(zip(*_by_locator(plain), strict=True))
     b = dict(zip(*_by_locator(passthrough), strict=True))
     assert set(a) == set(b) == {f"t{i}.jpg" for i in range(5)} | {"big.jpg", "refused.jpg"}

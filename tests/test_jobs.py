@@ -76,6 +76,37 @@ def test_jobs_of_dead_processes_are_marked_interrupted(db: Store) -> None:
         assert s.get(Job, mine).status == "running"
 
 
+def test_a_dead_pids_job_is_shown_interrupted_before_anyone_marks_it(db: Store) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    job = db.start_job("index", {})
+    with db.session(write=True) as s:
+        s.get(Job, job).pid = dead.pid
+    assert db.running_job() is None
+    last = db.last_job()
+    assert (last["id"], last["status"]) == (job, "interrupted")
+    assert last["message"] == f"process {dead.pid} ended without finishing the job"
+    with db.session() as s:
+        assert s.get(Job, job).status == "running"  # only read: `status` may run on a read-only copy
+
+
+def test_an_error_is_a_state_of_a_file(db: Store, src: int) -> None:
+    first, second = db.start_job("index", {}), db.start_job("reindex", {})
+    db.record_error("a/1.png", "cannot decode", job_id=first, source_id=src)
+    db.record_error("a/2.png", "cannot decode", job_id=first, source_id=src)
+    db.record_error("a/1.png", "still cannot decode", job_id=second, source_id=src)
+    assert [(e["path"], e["reason"], e["job_id"]) for e in db.recent_errors()] == [
+        ("a/2.png", "cannot decode", first),
+        ("a/1.png", "still cannot decode", second),
+    ]
+    # The second run saw a/2.png read well: its error goes; errors of inputs that never opened stay apart.
+    db.record_error("/gone.zip", "no such file", job_id=second)
+    assert db.clear_errors(src, keep_job=second) == 1
+    assert [e["path"] for e in db.recent_errors()] == ["/gone.zip", "a/1.png"]
+    assert db.clear_errors(None, path="/gone.zip") == 1
+    assert [e["path"] for e in db.recent_errors()] == ["a/1.png"]
+
+
 def test_errors_and_meta(db: Store, src: int) -> None:
     job = db.start_job("index", {})
     for i in range(3):

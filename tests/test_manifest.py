@@ -68,11 +68,22 @@ def test_key_column_names_and_formats(tmp_path, name, text):
     assert Manifest.load(write(tmp_path, text, name)).lookup("slide.svs") == {"case_id": "P1"}
 
 
+def test_a_manifest_keyed_by_slide_id_or_case_id_names_the_key_it_used(tmp_path):
+    by_slide = Manifest.load(write(tmp_path, "slide_id,case_id,grade\nslide1,P1,3\nTCGA-01,P2,4\n"))
+    assert by_slide.key == "slide_id"
+    assert identity("caseA/slide1/tile_000.png", by_slide, PATTERN) == ("P1", "slide1", {"grade": "3"})
+    assert identity("TCGA-01.svs", by_slide, PATTERN) == ("P2", "TCGA-01", {"grade": "4"})
+    by_case = Manifest.load(write(tmp_path, "Case_ID,diagnosis\ncaseA,tumour\n", "cases.csv"))
+    assert by_case.key == "case_id"
+    assert identity("caseA/slide1/tile_000.png", by_case, PATTERN) == ("caseA", "slide1", {"diagnosis": "tumour"})
+    assert Manifest.load(write(tmp_path, "path,slide_id\na.png,S\n", "p.csv")).key == "path"
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("", "empty"),
-        ("case_id,slide_id\nA,S\n", "line 1: no key column; name one of path, file, slide, filename"),
+        ("case,diagnosis\nA,S\n", "line 1: no key column; name one of path, file, slide, filename, slide_id, case_id"),
         ("path,case_id\na.png,A\nb.png,B,extra\n", "line 3: 3 fields where the header has 2"),
         ("path,case_id\na.png,A\n,B\n", "line 3: empty 'path'"),
         ("path,case_id\na.png,A\nb.png,B\n./a.png,C\n", "line 4: 'a.png' is already on line 2"),

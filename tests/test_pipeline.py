@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +152,48 @@ def test_no_shared_memory_when_dev_shm_is_too_small(tmp_path, preprocess, monkey
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(64 << 20, 0, 64 << 20))
     with DecodePool(1, Preprocess(448, get_model_cfg("conch_tiny").pretrained_cfg), 10**8) as pool:
         assert pool._blocks is None  # a 64 MB /dev/shm: pixels travel pickled, no SIGBUS
+
+
+PARENT = textwrap.dedent(
+    """
+    import os, sys, time
+    from indexer.pipeline import DecodePool
+    from search.conch.config import get_model_cfg
+    from search.conch.preprocess import Preprocess
+
+    pool = DecodePool(2, Preprocess(64, get_model_cfg("conch_tiny").pretrained_cfg), 1000)
+    futures = [pool._executor.submit(os.getpid) for _ in range(8)]
+    print(" ".join(str(p) for p in sorted({f.result() for f in futures})), flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purposes: it holds no memory and is waiting to be reaped.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_decode_workers_exit_when_their_parent_is_killed():
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(p) for p in parent.stdout.readline().split()]
+        assert workers and all(_alive(p) for p in workers)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        # Polled, not timed: the workers must be gone well within the minute they are given.
+        deadline = time.monotonic() + 60
+        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [p for p in workers if _alive(p)]
+    finally:
+        parent.kill()
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], f"decode workers {left} outlived their killed parent"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, or_, select, update
 
 from search.core.errors import NotFound
 from search.storage.repository import Repository, iso, utcnow
@@ -25,10 +25,14 @@ def _pid_alive(pid: int | None) -> bool:
 
 
 def _job_dict(job: Job) -> dict:
+    status, message = job.status, job.message
+    if status == "running" and not _pid_alive(job.pid):
+        # Shown as it is, read-only: the next indexer writes it down (mark_stale_jobs_interrupted).
+        status, message = "interrupted", message or _ended(job.pid)
     return {
         "id": job.id,
         "kind": job.kind,
-        "status": job.status,
+        "status": status,
         "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at),
         "heartbeat_at": iso(job.heartbeat_at),
@@ -36,9 +40,13 @@ def _job_dict(job: Job) -> dict:
         "total": job.total,
         "done": job.done,
         "errors": job.errors,
-        "message": job.message,
+        "message": message,
         "args": job.args,
     }
+
+
+def _ended(pid: int | None) -> str:
+    return f"process {pid} ended without finishing the job"
 
 
 def _build_dict(build: Build) -> dict:
@@ -141,10 +149,12 @@ class JobRepository(Repository):
                 raise NotFound(f"no job with id {job_id}")
 
     def running_job(self) -> dict | None:
-        """The newest job still marked running (see :meth:`mark_stale_jobs_interrupted`)."""
+        """The newest job marked running whose process is alive: a killed run is not running."""
         with self.session() as s:
-            job = s.scalars(select(Job).where(Job.status == "running").order_by(Job.id.desc()).limit(1)).first()
-            return _job_dict(job) if job else None
+            for job in s.scalars(select(Job).where(Job.status == "running").order_by(Job.id.desc())):
+                if _pid_alive(job.pid):
+                    return _job_dict(job)
+            return None
 
     def last_job(self) -> dict | None:
         with self.session() as s:
@@ -162,14 +172,33 @@ class JobRepository(Repository):
             for job in stale:
                 job.status = "interrupted"
                 job.finished_at = now
-                job.message = job.message or f"process {job.pid} ended without finishing the job"
+                job.message = job.message or _ended(job.pid)
             return len(stale)
 
     # --- errors and meta ---------------------------------------------------------------------
 
     def record_error(self, path: str, reason: str, job_id: int | None = None, source_id: int | None = None) -> None:
+        """Record that ``path`` of a source cannot be used now. An error is a state of a file: a file already
+        in error gets its reason and job updated, not a second row on every run."""
         with self.session(write=True) as s:
-            s.add(FileError(path=path, reason=reason, job_id=job_id, source_id=source_id, created_at=utcnow()))
+            same = FileError.source_id.is_(None) if source_id is None else FileError.source_id == source_id
+            error = s.scalars(select(FileError).where(same, FileError.path == path).limit(1)).first()
+            if error is None:
+                s.add(FileError(path=path, reason=reason, job_id=job_id, source_id=source_id, created_at=utcnow()))
+            else:
+                error.reason, error.job_id, error.created_at = reason, job_id, utcnow()
+
+    def clear_errors(self, source_id: int | None, *, keep_job: int | None = None, path: str | None = None) -> int:
+        """Forget the errors of a source (``None``: errors of inputs that never opened) that ``keep_job`` did not
+        record, or the one of ``path``: the files read well now, or are gone. Returns how many."""
+        same = FileError.source_id.is_(None) if source_id is None else FileError.source_id == source_id
+        query = delete(FileError).where(same)
+        if keep_job is not None:
+            query = query.where(or_(FileError.job_id.is_(None), FileError.job_id != keep_job))
+        if path is not None:
+            query = query.where(FileError.path == path)
+        with self.session(write=True) as s:
+            return s.execute(query).rowcount
 
     def recent_errors(self, limit: int = 20) -> list[dict]:
         """The newest file errors first."""
