@@ -89,6 +89,18 @@ def test_garbage_and_absent_files(tmp_path):
         read_state_dict(bad_st)
 
 
+@pytest.mark.parametrize(
+    "data",
+    [b"hello world", bytes(range(256)) * 4, b"", b"\x80\x02garbage", b"PK\x03\x04junk"],
+    ids=["text", "bytes", "empty", "pickle-header", "zip-header"],
+)
+def test_a_garbage_checkpoint_is_one_clear_error(tmp_path, data):
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=f"^{path}: not a readable PyTorch checkpoint"):
+        read_state_dict(path)
+
+
 def test_other_input_size_resizes_position_embedding(tmp_path, tiny_state_dict):
     from dataclasses import replace
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import struct
 from pathlib import Path
 
 import torch
@@ -43,13 +44,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
+            if "Unsupported global" not in str(exc):
+                # Not a pickle of Python objects, but bytes no unpickler makes sense of.
+                raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt?)") from None
             raise CheckpointError(
                 f"{path}: refused: the checkpoint needs arbitrary unpickling (it holds Python objects, not "
                 f"only tensors), which can run code. Save a plain state dict (torch.save(model.state_dict())) "
                 f"or convert it to .safetensors. Detail: {str(exc).splitlines()[0]}"
             ) from None
-        except (RuntimeError, EOFError, OSError) as exc:
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+        except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError, TypeError, struct.error) as exc:
+            # Garbage reaches the unpickler's opcode tables: any of these means the same thing.
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({detail})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
