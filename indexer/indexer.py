@@ -29,6 +29,7 @@ from search.archives.readers import Reader, Skipped, TileEntry, open_reader
 from search.conch.encoder import Encoder
 from search.core.errors import BadInput, HistosearchError
 from search.core.settings import Settings
+from search.storage.database import describe_error
 from search.storage.index_directory import IndexDirectory
 from search.storage.store import Store, TileState
 from search.storage.vectors import VectorIndex, choose_index_type
@@ -80,6 +81,8 @@ class RunReport:
     texts_embedded: int = 0
     build: dict | None = None
     manifest: str = ""
+    # Why the live index had to be rebuilt though nothing changed, when it was damaged.
+    damage: str | None = None
 
     @property
     def errors(self) -> int:
@@ -94,6 +97,11 @@ class RunReport:
         lines += [s.line() for s in self.sources]
         if self.texts_embedded:
             lines.append(f"texts: {self.texts_embedded} embedded")
+        if self.damage:
+            lines.append(
+                f"index: the live index was damaged ({self.damage}): rebuilt from the stored vectors, "
+                "nothing re-embedded"
+            )
         if self.build:
             lines.append(f"index: build {self.build['id']}, {self.build['index_type']}, {self.build['count']} vectors")
         return "\n".join(lines)
@@ -131,6 +139,8 @@ class Indexer:
         self._dirty = False
         self._pool: DecodePool | None = None
         self._report = RunReport(0)
+        # What build_index found wrong with the live index on disk, when it rebuilt it for that.
+        self.damage: str | None = None
 
     @property
     def encoder(self) -> Encoder:
@@ -171,6 +181,7 @@ class Indexer:
                     raise BadInput("; ".join(s.line() for s in report.sources))
                 report.texts_embedded = self._sync_texts(fingerprint)
                 report.build = self.build_index(force=changed)
+                report.damage = self.damage
                 job.message = report.summary()
             return report
         finally:
@@ -191,8 +202,11 @@ class Indexer:
             self.store.finish_job(job.id, "interrupted", "interrupted by the user")
             raise
         except Exception as exc:
-            self._save_counts()
-            self.store.finish_job(job.id, "failed", exc.message if isinstance(exc, HistosearchError) else str(exc))
+            try:
+                self._save_counts()
+                self.store.finish_job(job.id, "failed", _reason(exc, self.settings.db_path))
+            except Exception:  # noqa: BLE001 - a full disk may refuse this write too; `status` then shows
+                pass  # the job interrupted by its dead pid, and the original error is what is raised
             raise
         self._save_counts()
         self.store.finish_job(job.id, "done", job.message)
@@ -457,20 +471,23 @@ class Indexer:
             self.store.set_meta(DIRTY_KEY, "1")
             self._dirty = True
 
-    def build_index(self, force: bool = False) -> dict | None:
-        """Build a FAISS index from the stored embeddings beside the live one and publish it atomically."""
-        fingerprint = self.encoder.fingerprint
+    def build_index(self, force: bool = False, fingerprint: str | None = None) -> dict | None:
+        """Build a FAISS index from the stored embeddings beside the live one and publish it atomically.
+        ``fingerprint``: the model whose vectors to index (default: the configured model, which loads it)."""
+        fingerprint = fingerprint or self.encoder.fingerprint
         count = self.store.counts()["embedded_by_model"].get(fingerprint, 0)
         live = self.store.live_build()
         requested = choose_index_type(count, self.settings.index_type, self.settings.exact_max)
+        # Counts and types say whether the index is current; only the file itself says whether it is sound.
+        self.damage = self.directory.problem(live)
         if (
             not force
+            and self.damage is None
             and self.store.get_meta(DIRTY_KEY) != "1"
             and live
             and live["model_fingerprint"] == fingerprint
             and live["count"] == count
             and live["index_type"] == requested
-            and self.directory.live_build_id() == live["id"]
         ):
             return live
         ids, vectors = _concat(self.store.iter_embeddings(fingerprint))
@@ -487,6 +504,7 @@ class Indexer:
         build_id = self.store.add_build(fingerprint, index.index_type, index.ntotal, "", index.device)
         path = self.directory.build_path(build_id)
         index.save(path)
+        self.store.set_build_checksum(build_id, self.directory.checksum(build_id))
         self.directory.publish(build_id)
         self.store.set_build_status(build_id, "live")
         self.store.set_meta(DIRTY_KEY, "0")
@@ -544,6 +562,15 @@ class _Identities:
             "fingerprint": entry.fingerprint,
             "meta": {**extra, **entry.meta},
         }
+
+
+def _reason(exc: Exception, db_path: Path) -> str:
+    """What a failed job's record says: one line, the path included, no traceback."""
+    if isinstance(exc, HistosearchError):
+        return exc.message
+    if isinstance(exc, OSError):
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+    return describe_error(exc, db_path) or str(exc)
 
 
 def _concat(chunks: Iterator[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

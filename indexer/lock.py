@@ -8,16 +8,21 @@ from __future__ import annotations
 
 from filelock import FileLock, Timeout
 
-from search.core.errors import IndexBusy
+from search.core.errors import ConfigError, IndexBusy
 from search.core.settings import Settings
 
 
 def acquire(settings: Settings, wait: bool = False) -> FileLock:
     """The held lock; a second indexer waits (``wait``) or stops with IndexBusy naming the running job."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(settings.data_dir / "indexer.lock", timeout=-1 if wait else 0)
     try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire()
+    except OSError as exc:
+        raise ConfigError(
+            f"data dir {settings.data_dir}: cannot write there ({exc.strerror}): indexing needs a writable data "
+            "dir; set HISTOSEARCH_DATA_DIR (or --data-dir)"
+        ) from None
     except Timeout:
         raise IndexBusy(
             f"another indexer is running on {settings.data_dir}{_running(settings)}: wait for it to finish, "

@@ -236,6 +236,31 @@ def cmd_index_texts(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from indexer import doctor
+
+    report = doctor.run(settings, repair=args.repair)
+    for finding in report.findings:
+        print(finding.line())
+    if not report.healthy and not args.repair:
+        print("run `histosearch doctor --repair` to rebuild what can be rebuilt")
+    return 0 if report.healthy else 1
+
+
+def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
+    from search.storage.database import backup
+
+    size = backup(settings.db_path, args.path)
+    print(
+        f"backed up {settings.db_path} to {args.path} ({size} bytes); the FAISS index is not copied: "
+        "`histosearch doctor --repair` rebuilds it from the stored vectors"
+    )
+    return 0
+
+
+INDEX_REPAIR = "run `histosearch doctor --repair` (or `reindex`): it rebuilds the index from the stored vectors"
+
+
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from search.engine.engine import Engine
 
@@ -250,10 +275,12 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         f"tiles: {counts['tiles']} in {counts['sources']} sources, {counts['slides']} slides, {counts['cases']} cases"
     )
     print(f"texts: {counts['texts']}")
+    if status["index_problem"]:
+        print(f"index: DAMAGED: {status['index_problem']}: {INDEX_REPAIR}")
     if index:
         print(f"index: {index['type']}, {index['size']} vectors, built {index['built_at']} on {index['device']}")
         print(f"index model: {index['model_fingerprint']}")
-    else:
+    elif not status["index_problem"]:
         print("index: none yet (run `histosearch index PATH`)")
     for label, job in (("running", status["running_job"]), ("last run", status["last_job"])):
         if job:
@@ -440,6 +467,16 @@ def build_parser() -> argparse.ArgumentParser:
     _index_options(texts)
     texts.set_defaults(func=cmd_index_texts)
 
+    doctor = sub.add_parser(
+        "doctor", help="check the database, the live index, their counts and stray files; --repair fixes them"
+    )
+    doctor.add_argument("--repair", action="store_true", help="rebuild the index from the stored vectors, etc.")
+    doctor.set_defaults(func=cmd_doctor)
+
+    backup = sub.add_parser("backup", help="write a consistent copy of the database, even while it is in use")
+    backup.add_argument("path", type=Path, help="the new backup file (never overwritten)")
+    backup.set_defaults(func=cmd_backup)
+
     status = sub.add_parser("status", help="counts, model, index type, device, last run and errors")
     status.add_argument("--json", action="store_true")
     _model_options(status)
@@ -509,11 +546,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    settings: Settings | None = None
     try:
         settings = _settings_from(args)
         return args.func(args, settings)
     except HistosearchError as exc:
         print(f"histosearch: error: {exc.message}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # Expected at this edge: a full disk, a folder that cannot be written. One line with the path.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"histosearch: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from search.storage.database import describe_error
+
+        line = describe_error(exc, settings.db_path) if settings is not None else None
+        if line is None:
+            raise
+        print(f"histosearch: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("histosearch: interrupted", file=sys.stderr)

@@ -37,7 +37,7 @@ class Engine:
         self._owns_store = store is None
         self.store = store if store is not None else Store(settings.db_url)
         self.index_directory = IndexDirectory(settings.data_dir / "index")
-        self.live_index = LiveIndex(self.index_directory, settings.device)
+        self.live_index = LiveIndex(self.index_directory, settings.device, checksums=self.store.build_checksum)
         self.queries = QueryVectors(settings, self.store, encoder)
         self.texts = TextRanker(self.store)
         self.images = TileImages(settings, self.store)
@@ -165,6 +165,8 @@ class Engine:
                 "model_fingerprint": build["model_fingerprint"],
                 "device": build["device"],
             },
+            # The index on disk checked against the build the database records (pointer, file, checksum).
+            "index_problem": self.index_directory.problem(build),
             "last_job": self.store.last_job(),
             "running_job": running,
             "recent_errors": self.store.recent_errors(),

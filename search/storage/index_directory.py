@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import threading
@@ -11,6 +12,7 @@ from search.core.errors import IndexUnavailable
 
 POINTER_NAME = "LIVE"
 INDEX_FILE_NAME = "index.faiss"
+REPAIR = "run `histosearch doctor --repair` (or `histosearch reindex`): it rebuilds the index from the stored vectors"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -32,6 +34,9 @@ class IndexDirectory:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.pointer = self.root / POINTER_NAME
+        # (path, inode, size, mtime) -> sha256: `status` checks the live file on every call, which must
+        # not re-read gigabytes each time; any write to the file changes its stat.
+        self._checksums: dict[tuple[str, int, int, int], str] = {}
 
     def build_path(self, build_id: int) -> Path:
         """Where build ``build_id``'s index file goes (``VectorIndex.save`` creates the folder)."""
@@ -49,7 +54,10 @@ class IndexDirectory:
         path = self.build_path(build_id)
         if not path.is_file():
             raise IndexUnavailable(f"{path}: no index file, cannot publish build {build_id}")
-        previous = self.live_build_id()
+        try:
+            previous = self.live_build_id()
+        except IndexUnavailable:
+            previous = None  # a damaged pointer is what this publish repairs
         tmp = self.pointer.with_name(f"{POINTER_NAME}.tmp-{os.getpid()}-{threading.get_ident()}")
         try:
             with open(tmp, "w") as f:
@@ -79,8 +87,41 @@ class IndexDirectory:
         except FileNotFoundError:
             return None
         if not text.isdigit():
-            raise IndexUnavailable(f"{self.pointer}: corrupt pointer {text[:40]!r}: run `histosearch index PATH`")
+            raise IndexUnavailable(f"{self.pointer}: corrupt pointer {text[:40]!r}: {REPAIR}")
         return int(text)
+
+    def checksum(self, build_id: int) -> str:
+        """sha256 hex of build ``build_id``'s index file."""
+        path = self.build_path(build_id)
+        st = os.stat(path)
+        key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in self._checksums:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+            self._checksums = {key: digest.hexdigest()}
+        return self._checksums[key]
+
+    def problem(self, build: dict | None) -> str | None:
+        """Why the live index on disk is not ``build``, the live build the database records (with its
+        ``checksum``), or None when it is: pointer, index file and checksum are checked."""
+        try:
+            live = self.live_build_id()
+        except IndexUnavailable:
+            return f"{self.pointer}: not a build id (damaged pointer)"
+        if build is None:
+            return None if live is None else f"{self.pointer} names build {live}, which the database has not as live"
+        if live is None:
+            return f"{self.pointer}: missing, though build {build['id']} is live"
+        if live != build["id"]:
+            return f"{self.pointer} names build {live}, the database build {build['id']}"
+        path = self.build_path(live)
+        if not path.is_file():
+            return f"{path}: missing"
+        if build.get("checksum") and self.checksum(live) != build["checksum"]:
+            return f"{path}: does not match its recorded checksum (damaged or truncated)"
+        return None
 
     def pointer_stamp(self) -> tuple[int, int, int] | None:
         """A cheap fingerprint of the pointer file (inode, mtime, size) that changes with each publish."""

@@ -59,6 +59,7 @@ def _build_dict(build: Build) -> dict:
         "path": build.path,
         "status": build.status,
         "device": build.device,
+        "checksum": build.checksum,
     }
 
 
@@ -92,6 +93,21 @@ class JobRepository(Repository):
             if status == "live":
                 s.execute(update(Build).where(Build.status == "live", Build.id != build_id).values(status="retired"))
             build.status = status
+
+    def set_build_checksum(self, build_id: int, checksum: str) -> None:
+        """Record the sha256 of a build's index file, checked whenever the file is loaded."""
+        with self.session(write=True) as s:
+            if s.execute(update(Build).where(Build.id == build_id).values(checksum=checksum)).rowcount == 0:
+                raise NotFound(f"no index build with id {build_id}")
+
+    def build_checksum(self, build_id: int) -> str | None:
+        with self.session() as s:
+            return s.scalar(select(Build.checksum).where(Build.id == build_id))
+
+    def builds(self) -> list[dict]:
+        """Every build recorded, oldest first."""
+        with self.session() as s:
+            return [_build_dict(b) for b in s.scalars(select(Build).order_by(Build.id))]
 
     def live_build(self) -> dict | None:
         with self.session() as s:
@@ -160,6 +176,11 @@ class JobRepository(Repository):
         with self.session() as s:
             job = s.scalars(select(Job).order_by(Job.id.desc()).limit(1)).first()
             return _job_dict(job) if job else None
+
+    def stale_jobs(self) -> list[int]:
+        """Ids of jobs marked running whose process is gone."""
+        with self.session() as s:
+            return [j.id for j in s.scalars(select(Job).where(Job.status == "running")) if not _pid_alive(j.pid)]
 
     def mark_stale_jobs_interrupted(self) -> int:
         """Mark running jobs whose process is gone as interrupted; returns how many.

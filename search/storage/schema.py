@@ -130,6 +130,8 @@ class Build(Base):
     path: Mapped[str] = mapped_column(String)
     status: Mapped[str] = mapped_column(String)
     device: Mapped[str] = mapped_column(String)
+    # sha256 of the index file (migration 0002); None for builds made before it.
+    checksum: Mapped[str | None] = mapped_column(String)
 
 
 class Job(Base):

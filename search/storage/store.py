@@ -12,9 +12,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from sqlalchemy import func, make_url, select
+from sqlalchemy.exc import DBAPIError
 
 from search.core.errors import ConfigError
-from search.storage.database import BEGIN_OPTION, create_db_engine, upgrade
+from search.storage.database import (
+    BEGIN_OPTION,
+    check_database_file,
+    create_db_engine,
+    describe_error,
+    is_read_only,
+    read_only_url,
+    upgrade,
+)
 from search.storage.eval_runs import EvalRunRepository
 from search.storage.jobs import JobRepository
 from search.storage.schema import Case, Embedding, Slide, Source, TextItem, Tile
@@ -25,20 +34,40 @@ from search.storage.tiles import TileRepository, TileState
 __all__ = ["Store", "TileState"]
 
 
+def _make_data_dir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"data dir {folder}: cannot create it ({exc.strerror}): set HISTOSEARCH_DATA_DIR (or --data-dir) to a "
+            "folder you can write"
+        ) from None
+
+
 class Store(SourceRepository, TileRepository, TextRepository, JobRepository, EvalRunRepository):
     """All reads and writes of the histosearch database; one instance per process is enough."""
 
     def __init__(self, db_url: str) -> None:
         url = make_url(db_url)
+        self.read_only = False
         if url.get_backend_name() == "sqlite":
             if url.database in (None, "", ":memory:"):
                 raise ConfigError(
                     f"{db_url}: an in-memory SQLite database cannot be shared by the migrations and the "
                     "store; use a file, e.g. sqlite:////path/to/histosearch.db"
                 )
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            path = Path(url.database)
+            check_database_file(path)
+            if is_read_only(path):
+                # A shared read-only index still answers status, query and serve.
+                self.read_only, db_url = True, read_only_url(path)
+            else:
+                _make_data_dir(path.parent)
         self.db_url = db_url
-        upgrade(db_url)
+        try:
+            upgrade(db_url)
+        except DBAPIError as exc:
+            raise ConfigError(describe_error(exc, Path(url.database or db_url)) or str(exc)) from None
         self.engine = create_db_engine(db_url)
         self._writer = self.engine.execution_options(**{BEGIN_OPTION: "IMMEDIATE"})
 

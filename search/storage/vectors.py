@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ except ImportError:  # neither FAISS build: they are extras so that the two neve
     ) from None
 
 from search.core.errors import BadInput, BadQuery, ConfigError, IndexUnavailable, NotFound
-from search.storage.index_directory import IndexDirectory
+from search.storage.index_directory import REPAIR, IndexDirectory
 
 log = logging.getLogger(__name__)
 
@@ -482,9 +483,13 @@ class LiveIndex:
     """What a server holds: the live build, loaded lazily and reloaded when the pointer changes
     (one stat per call). Thread-safe: while one thread loads a new build, others keep using the old."""
 
-    def __init__(self, directory: IndexDirectory, device: str = "auto") -> None:
+    def __init__(
+        self, directory: IndexDirectory, device: str = "auto", checksums: Callable[[int], str | None] | None = None
+    ) -> None:
+        """``checksums``: a build's recorded sha256 (the store's ``build_checksum``), checked at each load."""
         self.directory = directory
         self.device = device
+        self.checksums = checksums
         self._loaded: _Loaded | None = None
         self._reload_lock = threading.Lock()
 
@@ -522,6 +527,9 @@ class LiveIndex:
                 path = self.directory.build_path(build_id)
                 if not path.is_file():
                     continue
+                expected = self.checksums(build_id) if self.checksums is not None else None
+                if expected is not None and self.directory.checksum(build_id) != expected:
+                    raise IndexUnavailable(f"{path}: damaged (it does not match its recorded checksum): {REPAIR}")
                 index = VectorIndex.load(path, self.device)
             self._loaded = _Loaded(stamp, build_id, index)
             return index
