@@ -224,3 +224,16 @@ def test_disk_full_fails_the_job_with_the_reason_in_one_line(cli, tiny_settings,
     assert job["status"] == "failed" and job["message"].startswith(f"{tiny_settings.db_path}: disk full")
     # Space freed: the same command resumes and completes.
     assert cli("index", str(tmp_path / "many"), "--quiet", "--workers", "0") == 0
+
+
+def test_the_status_page_says_the_index_is_damaged(tiny_settings, tiny_encoder, indexed):
+    from fastapi.testclient import TestClient
+
+    from webui.app import create_app
+
+    _damage(tiny_settings, "garbage pointer")
+    app = create_app(tiny_settings, Engine(tiny_settings, encoder=tiny_encoder))
+    with TestClient(app) as client:
+        page = client.get("/status")
+        assert page.status_code == 200 and "damaged:" in page.text and "doctor --repair" in page.text
+        assert "damaged pointer" in client.get("/api/status").json()["index_problem"]
