@@ -18,15 +18,15 @@ def acquire(settings: Settings, wait: bool = False) -> FileLock:
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire()
+    except Timeout:  # a TimeoutError, so an OSError: caught first
+        raise IndexBusy(
+            f"another indexer is running on {settings.data_dir}{_running(settings)}: wait for it to finish, "
+            "or run again with --wait to queue behind it"
+        ) from None
     except OSError as exc:
         raise ConfigError(
             f"data dir {settings.data_dir}: cannot write there ({exc.strerror}): indexing needs a writable data "
             "dir; set HISTOSEARCH_DATA_DIR (or --data-dir)"
-        ) from None
-    except Timeout:
-        raise IndexBusy(
-            f"another indexer is running on {settings.data_dir}{_running(settings)}: wait for it to finish, "
-            "or run again with --wait to queue behind it"
         ) from None
     return lock
 

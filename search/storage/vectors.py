@@ -535,5 +535,5 @@ class LiveIndex:
             return index
         raise IndexUnavailable(
             f"{self.directory.pointer} names build {self.directory.live_build_id()}, whose index file is "
-            "missing: run `histosearch index PATH` again"
+            f"missing: {REPAIR}"
         )
