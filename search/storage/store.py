@@ -9,8 +9,10 @@ type is built from the stored vectors without re-embedding.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+from filelock import FileLock
 from sqlalchemy import func, make_url, select
 from sqlalchemy.exc import DBAPIError
 
@@ -57,19 +59,31 @@ class Store(SourceRepository, TileRepository, TextRepository, JobRepository, Eva
                     "store; use a file, e.g. sqlite:////path/to/histosearch.db"
                 )
             path = Path(url.database)
-            check_database_file(path)
             if is_read_only(path):
                 # A shared read-only index still answers status, query and serve.
+                check_database_file(path)
                 self.read_only, db_url = True, read_only_url(path)
+                self._upgrade(db_url, path)
             else:
                 _make_data_dir(path.parent)
+                # SQLite writes a new file's header only once it has created it: creators take turns, so
+                # an empty file seen while holding the lock is a damaged database, not one being made.
+                fresh = not path.is_file() or path.stat().st_size == 0
+                with FileLock(path.with_name(f".{path.name}.create-lock")) if fresh else contextlib.nullcontext():
+                    check_database_file(path)
+                    self._upgrade(db_url, path)
+        else:
+            self._upgrade(db_url, Path(db_url))
         self.db_url = db_url
+        self.engine = create_db_engine(db_url)
+        self._writer = self.engine.execution_options(**{BEGIN_OPTION: "IMMEDIATE"})
+
+    @staticmethod
+    def _upgrade(db_url: str, path: Path) -> None:
         try:
             upgrade(db_url)
         except DBAPIError as exc:
-            raise ConfigError(describe_error(exc, Path(url.database or db_url)) or str(exc)) from None
-        self.engine = create_db_engine(db_url)
-        self._writer = self.engine.execution_options(**{BEGIN_OPTION: "IMMEDIATE"})
+            raise ConfigError(describe_error(exc, path) or str(exc)) from None
 
     def close(self) -> None:
         self.engine.dispose()
