@@ -79,6 +79,14 @@ class Settings(BaseSettings):
     # Text queries in several phrasings, averaged (CONCH's zero-shot recipe): ~5x the text-tower cost per query.
     prompt_ensemble: bool = False
 
+    # Whole Slide Concepts slide vectors (docs/slides.md): the [wsc] extra and a local WSC-MTL-tiny.pt.zip.
+    wsc_weights: Path | None = None
+    # The zip's sha256, to load it with mmm's own loader, which unpickles (runs) it. Off: the safe reader.
+    wsc_trusted_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    wsc_mpp: float = Field(0.5, gt=0)
+    wsc_max_tiles: int = Field(512, ge=1, le=100_000)
+    wsc_seed: int = Field(0, ge=0)
+
     # Web UI.
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -92,6 +100,13 @@ class Settings(BaseSettings):
     def _device(cls, v: str) -> str:
         if v != "auto" and not (v == "cpu" or v == "cuda" or v.startswith("cuda:")):
             raise ValueError("device must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return v
+
+    @field_validator("wsc_weights", mode="before")
+    @classmethod
+    def _local_weights(cls, v: object) -> object:
+        if isinstance(v, str) and "://" in v:
+            raise ValueError("a local file path is required (download the zip yourself), not a URL")
         return v
 
     @classmethod
