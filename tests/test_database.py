@@ -25,6 +25,7 @@ TABLES = {
     "sources",
     "cases",
     "slides",
+    "slide_vectors",
     "tiles",
     "embeddings",
     "texts",

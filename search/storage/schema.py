@@ -101,6 +101,28 @@ class Embedding(Base):
     vector: Mapped[bytes]
 
 
+class SlideVector(Base):
+    """One slide vector per slide and kind (``mean``, ``medoid``, ``wsc``), with what made it.
+
+    ``tiles_digest`` hashes the slide's (tile id, content hash) pairs and the model: a reindex recomputes
+    the vector exactly when it moves. WSC vectors keep the tile ids of their bag and the grouper's
+    attention per tile (float32 blobs) for attention-weighted text -> slide ranking.
+    """
+
+    __tablename__ = "slide_vectors"
+
+    slide_id: Mapped[int] = mapped_column(ForeignKey("slides.id", ondelete="CASCADE"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String, primary_key=True)
+    model_fingerprint: Mapped[str] = mapped_column(String)
+    method: Mapped[str] = mapped_column(String)
+    tiles_digest: Mapped[str] = mapped_column(String)
+    n_tiles: Mapped[int]
+    vector: Mapped[bytes]
+    attention_tile_ids: Mapped[bytes | None]
+    attention: Mapped[bytes | None]
+    created_at: Mapped[datetime]
+
+
 class TextItem(Base):
     __tablename__ = "texts"
     __table_args__ = (UniqueConstraint("corpus", "text"),)

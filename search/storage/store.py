@@ -29,6 +29,7 @@ from search.storage.database import (
 from search.storage.eval_runs import EvalRunRepository
 from search.storage.jobs import JobRepository
 from search.storage.schema import Case, Embedding, Slide, Source, TextItem, Tile
+from search.storage.slides import SlideRepository
 from search.storage.sources import SourceRepository
 from search.storage.texts import TextRepository
 from search.storage.tiles import TileRepository, TileState
@@ -46,7 +47,7 @@ def _make_data_dir(folder: Path) -> None:
         ) from None
 
 
-class Store(SourceRepository, TileRepository, TextRepository, JobRepository, EvalRunRepository):
+class Store(SourceRepository, TileRepository, SlideRepository, TextRepository, JobRepository, EvalRunRepository):
     """All reads and writes of the histosearch database; one instance per process is enough."""
 
     def __init__(self, db_url: str) -> None:
