@@ -24,6 +24,7 @@ from indexer.batches import BatchEncoder, Encoded
 from indexer.lock import acquire as acquire_lock
 from indexer.manifest import Manifest, identity
 from indexer.pipeline import Decoded, DecodePool, Failed, default_workers
+from indexer.slides import SlideReport, sync_slide_vectors
 from indexer.texts import BUILTIN_CORPUS, TextItem, builtin_vocabulary, load_corpus
 from search.archives.readers import Reader, Skipped, TileEntry, open_reader
 from search.conch.encoder import Encoder
@@ -83,6 +84,7 @@ class RunReport:
     manifest: str = ""
     # Why the live index had to be rebuilt though nothing changed, when it was damaged.
     damage: str | None = None
+    slides: SlideReport | None = None
 
     @property
     def errors(self) -> int:
@@ -104,6 +106,13 @@ class RunReport:
             )
         if self.build:
             lines.append(f"index: build {self.build['id']}, {self.build['index_type']}, {self.build['count']} vectors")
+        if self.slides:
+            kinds = ", ".join(
+                f"{k} {self.slides.updated.get(k, 0)} updated / {self.slides.removed.get(k, 0)} removed"
+                for k in self.slides.updated
+            )
+            lines.append(f"slide vectors: {kinds}")
+            lines.extend(f"slide vectors: {error}" for error in self.slides.errors)
         return "\n".join(lines)
 
 
@@ -182,6 +191,7 @@ class Indexer:
                 report.texts_embedded = self._sync_texts(fingerprint)
                 report.build = self.build_index(force=changed)
                 report.damage = self.damage
+                report.slides = sync_slide_vectors(self.store, self.settings, fingerprint)
                 job.message = report.summary()
             return report
         finally:
@@ -422,6 +432,7 @@ class Indexer:
                 raise BadInput(f"not an indexed source: {', '.join(unknown)}; `histosearch status` lists the sources")
             removed = {uri: self.store.delete_source(uri) or 0 for uri in uris}
             self.build_index(force=True)
+            sync_slide_vectors(self.store, self.settings, self.encoder.fingerprint)
             return removed
         finally:
             lock.release()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 from sqlalchemy import delete, func, or_, select
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from search.core.errors import NotFound
+from search.storage.index_directory import IndexDirectory
 from search.storage.repository import Repository, chunks, decode_vectors, iso, utcnow
 from search.storage.schema import Case, Slide, SlideVector, Source, Tile
 
@@ -173,3 +175,8 @@ class SlideRepository(Repository):
                     values = np.frombuffer(weights, dtype="<f4")
                     out[slide_id] = {int(t): float(w) for t, w in zip(tile_ids, values, strict=True)}
         return out
+
+
+def slide_index_directory(data_dir: Path, kind: str) -> IndexDirectory:
+    """Where the exact FAISS index of one slide-vector kind lives: beside the tile index, same layout."""
+    return IndexDirectory(Path(data_dir) / "index" / "slides" / kind)
