@@ -41,7 +41,7 @@ def synthetic(settings):
 def search(settings, synthetic):
     sync_slide_vectors(synthetic.store, settings, FINGERPRINT)
     engine = Engine(settings, store=synthetic.store)
-    yield SlideSearch(engine)
+    yield engine.slides
     engine.close()
 
 
@@ -156,7 +156,7 @@ def indexed_search(tiny_settings, tiny_encoder, tmp_path):
     indexed = build_index(tiny_settings, tiny_encoder, tmp_path / "tiles")
     sync_slide_vectors(indexed.store, tiny_settings, indexed.fingerprint)
     engine = Engine(tiny_settings, store=indexed.store, encoder=tiny_encoder)
-    yield indexed, SlideSearch(engine), tiny_encoder
+    yield indexed, engine.slides, tiny_encoder
     engine.close()
 
 

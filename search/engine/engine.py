@@ -28,6 +28,7 @@ from .describe import TextRanker
 from .filters import Filters
 from .query import Query, QueryVectors
 from .ranking import MAX_DEPTH, check_page, hit, hits_of, nearest
+from .slides import SlideSearch
 from .tiles import TileImages, get_tile
 
 
@@ -41,6 +42,7 @@ class Engine:
         self.queries = QueryVectors(settings, self.store, encoder)
         self.texts = TextRanker(self.store)
         self.images = TileImages(settings, self.store)
+        self.slides = SlideSearch(settings, self.store, self.live_index, self.queries, self.images)
         self._facets: tuple[tuple, float, dict] | None = None
         self._facets_lock = threading.Lock()
 

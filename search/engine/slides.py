@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from search.archives.readers.slide import SLIDE_EXTENSIONS, TIFF_EXTENSIONS, open_slide
 from search.core.errors import BadInput, BadQuery, IndexUnavailable, NotFound
+from search.core.settings import Settings
 from search.slides.aggregate import DESCRIPTIONS
 from search.storage.slides import slide_index_directory
-from search.storage.vectors import LiveIndex
+from search.storage.store import Store
+from search.storage.vectors import LiveIndex, VectorIndex
 
-if TYPE_CHECKING:
-    from search.engine.engine import Engine
+from .query import QueryVectors
+from .ranking import check_page, nearest
+from .tiles import TileImages
 
 KINDS = ("mean", "medoid", "wsc")
 PER_SLIDE = 5  # a slide's text score: the mean of its best this-many tile scores
@@ -69,12 +72,15 @@ def tile_grid(tiles: list[dict]) -> dict | None:
 
 
 class SlideSearch:
-    """The slide half of the engine; it shares the engine's store, tile index and encoder."""
+    """The slide half of the engine; it shares the engine's store, tile index, query vectors and tile images."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.store = engine.store
-        self.settings = engine.settings
+    def __init__(self, settings: Settings, store: Store, live_index: LiveIndex, queries: QueryVectors,
+                 images: TileImages) -> None:  # fmt: skip
+        self.settings = settings
+        self.store = store
+        self.live_index = live_index
+        self.queries = queries
+        self.images = images
         self._indexes = {kind: LiveIndex(slide_index_directory(self.settings.data_dir, kind), "cpu") for kind in KINDS}
 
     # --- slides ------------------------------------------------------------------------------------
@@ -108,7 +114,7 @@ class SlideSearch:
         unless ``same_case``."""
         info = self.store.get_slide(slide)
         index = self._index(kind)
-        self.engine._check_page(k, 0)
+        check_page(k, 0, self.settings.max_k)
         try:
             vector = index.reconstruct(np.array([info["id"]]))[0]
         except NotFound:
@@ -140,16 +146,14 @@ class SlideSearch:
     def search_text(self, query: str, k: int = 10, method: str = "tiles") -> dict:
         """Slides ranked for a text query: by their best tiles (``tiles``), or by WSC-attention-weighted tile
         scores (``attention``, slides with a WSC vector only)."""
-        text = self.engine._clean_text(query)
-        self.engine._check_page(k, 0)
-        build = self.engine._live_build(for_encoder=True)
-        vector = self.engine._text_vector(text)
-        if method == "tiles":
-            ranked = self._by_best_tiles(vector)
-        elif method == "attention":
-            ranked = self._by_attention(vector, build["model_fingerprint"])
-        else:
+        if method not in ("tiles", "attention"):
             raise BadQuery(f"unknown text -> slide method {method!r}: use 'tiles' or 'attention'")
+        check_page(k, 0, self.settings.max_k)
+        q = self.queries.query_vector(text=query)
+        if method == "tiles":
+            ranked = self._by_best_tiles(q.vector)
+        else:
+            ranked = self._by_attention(q.vector, q.build["model_fingerprint"])
         top = ranked[:k]
         slides = self.store.get_slides([s for s, _, _ in top])
         results = [
@@ -157,10 +161,10 @@ class SlideSearch:
             for n, (s, score, best) in enumerate(top, start=1)
             if s in slides
         ]
-        return {"query": {"text": text}, "method": method, "per_slide": PER_SLIDE, "k": k, "results": results}
+        return {"query": q.names, "method": method, "per_slide": PER_SLIDE, "k": k, "results": results}
 
     def _by_best_tiles(self, vector: np.ndarray) -> list[tuple[int, float, list[dict]]]:
-        hits, _ = self.engine._nearest(vector, TILE_DEPTH, None)
+        hits, _ = nearest(self.live_index, self.store, vector, TILE_DEPTH, None)
         tiles = {t["id"]: t["slide_id"] for t in self.store.get_tiles([i for i, _ in hits])}
         per_slide: dict[int, list[tuple[int, float]]] = {}
         for tile_id, score in hits:  # best first, so each slide's list is sorted
@@ -201,19 +205,9 @@ class SlideSearch:
             raise BadQuery(f"slide {info['slide_key']}: its tiles have no grid positions, so there is no heatmap")
         if sum(q is not None for q in (text, tile_id, image)) != 1:
             raise BadQuery("a heatmap needs exactly one query: text, tile_id or an image")
-        if text is not None:
-            text = self.engine._clean_text(text)
-            build = self.engine._live_build(for_encoder=True)
-            query, vector = {"text": text}, self.engine._text_vector(text)
-        elif tile_id is not None:
-            build = self.engine._live_build()
-            query, vector = {"tile_id": tile_id}, self.engine._stored_vector(tile_id, build)
-        else:
-            build = self.engine._live_build(for_encoder=True)
-            ref, vector = self.engine._image_vector(image)
-            query = {"image": ref}
+        q = self.queries.query_vector(text=text, image=image, tile_id=tile_id)
         ids = list(grid["cells"])
-        scores = self.store.get_embeddings(ids, build["model_fingerprint"]) @ vector
+        scores = self.store.get_embeddings(ids, q.build["model_fingerprint"]) @ q.vector
         cells = [
             {"tile_id": i, "row": grid["cells"][i][0], "col": grid["cells"][i][1], "score": float(s)}
             for i, s in zip(ids, scores, strict=True)
@@ -221,7 +215,7 @@ class SlideSearch:
         return {
             "slide_id": info["id"],
             "slide_key": info["slide_key"],
-            "query": query,
+            "query": q.names,
             "grid": {"rows": grid["rows"], "cols": grid["cols"], "pitch": grid["pitch"]},
             "min": float(scores.min()),
             "max": float(scores.max()),
@@ -266,12 +260,12 @@ class SlideSearch:
         cell = max(8, min(128, THUMBNAIL_SIDE // max(grid["rows"], grid["cols"])))
         canvas = Image.new("RGB", (grid["cols"] * cell, grid["rows"] * cell), "white")
         for tile_id, (row, col) in grid["cells"].items():
-            data, _ = self.engine.tile_bytes(tile_id, thumbnail=True)
+            data, _ = self.images.tile_bytes(tile_id, thumbnail=True)
             with Image.open(io.BytesIO(data)) as im:
                 canvas.paste(im.convert("RGB").resize((cell, cell)), (col * cell, row * cell))
         return canvas
 
-    def _index(self, kind: str):
+    def _index(self, kind: str) -> VectorIndex:
         if kind not in KINDS:
             raise BadQuery(f"unknown slide-vector kind {kind!r}: one of {', '.join(KINDS)}")
         live = self._indexes[kind]
