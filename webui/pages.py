@@ -23,6 +23,7 @@ def make_templates() -> Jinja2Templates:
     templates.env.filters["when"] = when
     templates.env.globals.update(tile_url=urls.tile_url, thumbnail_url=urls.thumbnail_url, image_url=urls.image_url)
     templates.env.globals.update(eval_run_url=urls.eval_run_url)
+    templates.env.globals.update(slide_url=urls.slide_url)
     return templates
 
 

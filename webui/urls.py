@@ -7,7 +7,7 @@ The JSON API serves the engine's answers with these links added; templates call 
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from fastapi import Request
 
@@ -94,3 +94,46 @@ def page_urls(request: Request, result: dict) -> tuple[str | None, str | None]:
     if len(result["results"]) == k and offset + k < result["total"]:
         next_url = url_with(request.url.path, **{**params, "offset": offset + k})
     return prev_url, next_url
+
+
+def slide_url(slide: int | str, **params: Any) -> str:
+    """The slide's page (thumbnail, heatmap of a query, similar slides); ``slide`` is its id or key."""
+    return url_with(f"/slides/{quote(str(slide), safe='')}", **params)
+
+
+def slide_thumbnail_url(slide_id: int) -> str:
+    return f"/slides/{slide_id}/thumbnail.jpg"
+
+
+def slide_heatmap_png_url(slide_id: int, **query: Any) -> str:
+    """The heatmap as a PNG of one pixel per tile-grid cell."""
+    return url_with(f"/slides/{slide_id}/heatmap.png", **query)
+
+
+def heatmap_query(names: dict) -> dict[str, Any]:
+    """The query parameters that name a heatmap query (``{"text": ...}`` -> ``q``, ``tile_id`` -> ``tile``)."""
+    return {"q": names.get("text"), "tile": names.get("tile_id"), "image": names.get("image")}
+
+
+def with_slide_links(item: dict) -> dict:
+    """A slide result (anything with ``id``) with its page and thumbnail links, and links on its best tiles."""
+    out = {**item, "url": slide_url(item["id"]), "thumbnail_url": slide_thumbnail_url(item["id"])}
+    if "best_tiles" in item:
+        out["best_tiles"] = [with_tile_links(t) for t in item["best_tiles"]]
+    return out
+
+
+def slides_links(result: dict) -> dict:
+    """A slide ranking (similar slides, text -> slide) with links on every slide."""
+    return {**result, "results": [with_slide_links(r) for r in result["results"]]}
+
+
+def slide_links(slide: dict) -> dict:
+    """A slide's details with its links and links on its tiles."""
+    return {**with_slide_links(slide), "tiles": [with_tile_links(t) for t in slide["tiles"]]}
+
+
+def heatmap_links(heatmap: dict) -> dict:
+    """A heatmap with its PNG link and a tile link on every cell."""
+    png = slide_heatmap_png_url(heatmap["slide_id"], **heatmap_query(heatmap["query"]))
+    return {**heatmap, "png_url": png, "cells": [with_tile_links(c) for c in heatmap["cells"]]}
