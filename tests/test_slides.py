@@ -23,6 +23,7 @@ from search.wsc.bag import BagParams
 from search.wsc.model import SlideEmbedding
 from tests.index_fixture import build_index
 from tests.slide_fixture import FINGERPRINT, PITCH, add_slide, synthetic_slides
+from tests.wsc_fixture import mmm_ready, real_tiny_zip
 
 
 @pytest.fixture
@@ -250,3 +251,19 @@ def test_missing_wsc_weights_is_reported_not_fatal(settings, synthetic, tmp_path
     missing = settings.model_copy(update={"wsc_weights": tmp_path / "nope.pt.zip"})
     report = sync_slide_vectors(synthetic.store, missing, FINGERPRINT)
     assert any("no such WSC weights file" in e for e in report.errors)
+
+
+@pytest.mark.skipif(mmm_ready() is not None, reason=str(mmm_ready()))
+def test_wsc_vectors_at_index_time_with_real_mmm_classes(tiny_settings, tiny_encoder, tmp_path):
+    weights = tmp_path / "tiny.pt.zip"
+    real_tiny_zip(weights)
+    settings = tiny_settings.model_copy(update={"wsc_weights": weights, "wsc_max_tiles": 6})
+    indexed = build_index(settings, tiny_encoder, tmp_path / "tiles")
+    report = sync_slide_vectors(indexed.store, settings, indexed.fingerprint)
+    assert report.updated["wsc"] == 4 and report.errors == []
+    engine = Engine(settings, store=indexed.store, encoder=tiny_encoder)
+    result = engine.slides.similar("C1-S1", kind="wsc", k=3, same_case=True)
+    assert len(result["results"]) == 3 and result["method"]["model_fingerprint"].startswith("wsc:")
+    ranked = engine.slides.search_text("necrosis", method="attention", k=4)
+    assert len(ranked["results"]) == 4
+    engine.close()

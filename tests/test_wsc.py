@@ -8,7 +8,6 @@ environment, a small model of mmm's real classes round-trips bit-exactly through
 from __future__ import annotations
 
 import enum
-import importlib.util
 import io
 import json
 import os
@@ -29,6 +28,7 @@ from search.wsc import cache as wsc_cache
 from search.wsc import model as wsc_model
 from search.wsc.bag import BagParams, attention_per_tile, bag_from_tiles, crops_per_side, sample_crops
 from search.wsc.pickles import read_archive
+from tests.wsc_fixture import mmm_ready, real_tiny_zip
 
 
 class Act(str, enum.Enum):
@@ -298,35 +298,10 @@ def test_tile_attention_reduces_query_key_attention_per_tile():
         wsc_model.tile_attention(torch.ones(4, 3), 5)
 
 
-def _mmm_ready() -> str | None:
-    if importlib.util.find_spec("mmm") is None:
-        return "the [wsc] extra (medicalmultitaskmodeling==1.6.3, m3-sdk) is not installed"
-    if os.environ.get(wsc_model.LICENCE_ENV, "").lower() != wsc_model.LICENCE_VALUE:
-        return f"mmm's licence is not accepted in this environment ({wsc_model.LICENCE_ENV})"
-    return None
-
-
-def _real_tiny_zip(path: Path) -> None:
-    from mmm.mtl_modules.shared_blocks.Grouper import Grouper, MHAReducer
-    from mmm.mtl_modules.shared_blocks.PyramidEncoder import PyramidEncoder
-    from mmm.mtl_modules.shared_blocks.Squeezer import Squeezer
-    from mmm.neural.modules.simple_cnn import MiniConvNet
-
-    torch.manual_seed(0)
-    encoder = PyramidEncoder(PyramidEncoder.Config(model=MiniConvNet.Config(num_filters=8, depth=2)))
-    squeezer = Squeezer(Squeezer.Config(out_channels=48), encoder.get_feature_pyramid_channels(), encoder.get_strides())
-    grouper = Grouper(Grouper.Config(reducer=MHAReducer.Config(num_layers=2, num_heads=4)), 48)
-    with zipfile.ZipFile(path, "w") as z:
-        for name, module in (("encoder", encoder), ("squeezer", squeezer), ("grouper", grouper)):
-            buffer = io.BytesIO()
-            torch.save(module, buffer)
-            z.writestr(f"{name}.pt", buffer.getvalue())
-
-
-@pytest.mark.skipif(_mmm_ready() is not None, reason=str(_mmm_ready()))
+@pytest.mark.skipif(mmm_ready() is not None, reason=str(mmm_ready()))
 def test_real_classes_round_trip_bit_exactly_vs_mmm_loader(tmp_path):
     weights = tmp_path / "tiny.pt.zip"
-    _real_tiny_zip(weights)
+    real_tiny_zip(weights)
     safe, digest = wsc_cache.load_wsc(weights, tmp_path / "cache")
     assert (tmp_path / "cache" / "wsc" / digest / "config.json").is_file()
     cached, _ = wsc_cache.load_wsc(weights, tmp_path / "cache")
@@ -343,10 +318,10 @@ def test_real_classes_round_trip_bit_exactly_vs_mmm_loader(tmp_path):
     assert float(outs[0].attention.sum()) == pytest.approx(1.0)
 
 
-@pytest.mark.skipif(_mmm_ready() is not None, reason=str(_mmm_ready()))
+@pytest.mark.skipif(mmm_ready() is not None, reason=str(mmm_ready()))
 def test_rebuild_refuses_tensors_that_do_not_fit(tmp_path):
     weights = tmp_path / "tiny.pt.zip"
-    _real_tiny_zip(weights)
+    real_tiny_zip(weights)
     records, _, _ = wsc_cache.load_records(weights, tmp_path)
     records["squeezer"].state_dict.pop("conv.bias")
     with pytest.raises(CheckpointError, match=r"squeezer\.pt: the tensors do not fit mmm 1\.6\.3's Squeezer.*conv\.bi"):
@@ -354,3 +329,46 @@ def test_rebuild_refuses_tensors_that_do_not_fit(tmp_path):
     records["squeezer"].attributes["args"]["fields"]["bogus"] = 1
     with pytest.raises(ConfigError, match="does not fit mmm 1.6.3"):
         wsc_model.WscModel.from_records(records, "tiny.pt.zip")
+
+
+@pytest.fixture
+def fake_mmm(monkeypatch):
+    """The throwaway classes importable as mmm.fake_blocks, standing in for mmm's own modules."""
+    module = types.ModuleType(_FAKE_MODULE)
+    for cls in (FakeEncoder, ActCfg, Act, FakeSqueezer, FakeGrouper):
+        setattr(module, cls.__qualname__, cls)
+    monkeypatch.setitem(sys.modules, _FAKE_MODULE, module)
+    return module
+
+
+def test_rebuild_from_recovered_records_is_exact(fake_zip, fake_modules, fake_mmm):
+    records = read_archive(fake_zip)
+    for name, original in fake_modules.items():
+        record = records[name]
+        rebuilt = wsc_model.build_module(record.class_path, record.attributes, record.state_dict, f"{name}.pt")
+        assert type(rebuilt) is type(original) and not rebuilt.training
+        assert rebuilt.args == original.args  # nested configs, enums, tuples, int-keyed dicts come back equal
+        a, b = rebuilt.state_dict(), original.state_dict()
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert records["encoder"].attributes["args"]["fields"]["act"]["fields"]["fn"]["args"] == ["relu"]
+
+
+def test_rebuild_names_what_does_not_fit(fake_zip, fake_mmm):
+    record = read_archive(fake_zip)["squeezer"]
+    with pytest.raises(ConfigError, match="needs 'enc_out_channels'"):
+        wsc_model.build_module(record.class_path, {"args": record.attributes["args"]}, record.state_dict, "sq.pt")
+    with pytest.raises(CheckpointError, match=r"sq\.pt: the tensors do not fit.*proj\.bias"):
+        wsc_model.build_module(record.class_path, record.attributes, {"proj.weight": record.state_dict["proj.weight"]},
+                               "sq.pt")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"mmm\.fake_blocks\.Gone does not exist in mmm 1\.6\.3"):
+        wsc_model.build_module("mmm.fake_blocks.Gone", {}, {}, "x.pt")
+    with pytest.raises(CheckpointError, match="only mmm classes are rebuilt"):
+        wsc_model.build_module("torch.nn.modules.linear.Linear", {}, {}, "x.pt")
+    with pytest.raises(CheckpointError, match="is not a torch module"):
+        wsc_model.build_module("mmm.fake_blocks.ActCfg", {}, {}, "x.pt")
+    bad = json.loads(json.dumps(record.attributes))
+    bad["args"]["fields"]["fn"] = "swish"
+    with pytest.raises(ConfigError, match="the saved ActCfg does not fit mmm 1.6.3"):
+        wsc_model.build_module(record.class_path, bad, record.state_dict, "sq.pt")
+    with pytest.raises(CheckpointError, match="is not an enum"):
+        wsc_model.from_json({"__call__": _FAKE_MODULE, "qualname": "ActCfg", "args": []}, "x")

@@ -37,11 +37,6 @@ THUMBNAIL_SIDE = 1024
 COLOUR_STOPS = ((0.0, (48, 18, 120)), (0.5, (33, 145, 140)), (1.0, (253, 231, 37)))
 
 
-def colour_scale_css() -> str:
-    stops = ", ".join(f"rgb{c} {int(p * 100)}%" for p, c in COLOUR_STOPS)
-    return f"linear-gradient(to right, {stops})"
-
-
 def colourise(values: np.ndarray) -> np.ndarray:
     """RGB uint8 for values in [0, 1] along COLOUR_STOPS."""
     positions = [p for p, _ in COLOUR_STOPS]
