@@ -17,6 +17,7 @@ from PIL import Image
 
 from search.archives.decode import decode_image
 from search.archives.readers import open_reader
+from search.conch.encoder import resolve_device
 from search.core.errors import BadInput
 from search.core.settings import Settings
 from search.slides.aggregate import MEDOID_FRACTION, METHODS, slide_vector
@@ -126,7 +127,7 @@ def sync_wsc(store: Store, settings: Settings, report: SlideReport, loader: WscL
     todo, gone = _stale(store, "wsc", fingerprint, "wsc", groups)
     model = None
     if todo:
-        device = "cpu" if settings.device == "auto" else settings.device
+        device = str(resolve_device(settings.device))
         model, _ = loader(weights, settings.cache_dir, settings.wsc_trusted_sha256, device)
     done = {}
     for slide_id, tiles_hash in todo.items():

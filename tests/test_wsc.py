@@ -372,3 +372,18 @@ def test_rebuild_names_what_does_not_fit(fake_zip, fake_mmm):
         wsc_model.build_module(record.class_path, bad, record.state_dict, "sq.pt")
     with pytest.raises(CheckpointError, match="is not an enum"):
         wsc_model.from_json({"__call__": _FAKE_MODULE, "qualname": "ActCfg", "args": []}, "x")
+
+
+@pytest.mark.skipif(mmm_ready() is not None, reason=str(mmm_ready()))
+def test_trusted_loader_refuses_what_mmm_would_skip(tmp_path):
+    weights = tmp_path / "tiny.pt.zip"
+    real_tiny_zip(weights)
+    with zipfile.ZipFile(weights) as z:
+        partial = _zip({n: z.read(n) for n in ("encoder.pt", "squeezer.pt")})
+    (tmp_path / "partial.pt.zip").write_bytes(partial)
+    digest = wsc_cache.sha256_bytes(partial)
+    with pytest.raises(CheckpointError, match="did not load grouper"):
+        wsc_cache.load_wsc(tmp_path / "partial.pt.zip", tmp_path, trusted_sha256=digest)
+    (tmp_path / "renamed.zip").write_bytes(partial)
+    with pytest.raises(ConfigError, match=r"only files named \*\.pt\.zip"):
+        wsc_cache.load_wsc(tmp_path / "renamed.zip", tmp_path, trusted_sha256=digest)

@@ -116,6 +116,7 @@ class SlideSearch:
             raise NotFound(
                 f"slide {info['slide_key']} has no {kind} slide vector yet: run `histosearch reindex`"
             ) from None
+        # Deep enough to fill k after leaving out the slide itself and its case's other slides (slides are few).
         scores, ids = index.search(vector[None, :], min(index.ntotal, k + 1 + 1000))
         hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0 and i != info["id"]]
         slides = self.store.get_slides([i for i, _ in hits])

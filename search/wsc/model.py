@@ -180,7 +180,14 @@ class WscModel:
         _import_mmm()
         from mmm.api.M3Model import M3Model
 
+        if not path.name.endswith(".pt.zip"):
+            raise ConfigError(f"{path}: mmm's loader reads only files named *.pt.zip")
         loaded = M3Model(str(path), device)
+        # mmm logs and skips a module it cannot load: a missing one is an error here.
+        present = set(loaded.keys())
+        missing = [name for name in MODULE_NAMES if name not in present]
+        if missing:
+            raise CheckpointError(f"{path}: mmm's loader did not load {', '.join(missing)}")
         return cls({name: loaded[name] for name in MODULE_NAMES}, device)
 
     @torch.inference_mode()
