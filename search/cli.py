@@ -282,6 +282,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(f"index model: {index['model_fingerprint']}")
     elif not status["index_problem"]:
         print("index: none yet (run `histosearch index PATH`)")
+    if status["slide_vectors"]:
+        kinds = ", ".join(f"{kind} {v['count']}" for kind, v in status["slide_vectors"].items())
+        print(f"slide vectors: {kinds}")
     for label, job in (("running", status["running_job"]), ("last run", status["last_job"])):
         if job:
             print(

@@ -26,6 +26,8 @@ def test_index_makes_slide_vectors_and_slides_commands_use_them(cli, tiny_settin
     assert cli("index", str(tmp_path / "tiles"), "--quiet", "--workers", "0") == 0
     assert "slide vectors: mean 3 updated / 0 removed, medoid 3 updated / 0 removed" in capsys.readouterr().out
 
+    assert cli("status") == 0
+    assert "slide vectors: mean 3, medoid 3" in capsys.readouterr().out
     assert cli("slides", "similar", "slide0", "--json", "--same-case") == 0
     similar = json.loads(capsys.readouterr().out)
     assert similar["kind"] == "mean" and {r["slide_key"] for r in similar["results"]} == {"slide1", "slide2"}

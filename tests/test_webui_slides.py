@@ -108,3 +108,10 @@ def test_errors_have_the_api_shape(client):
     assert no_grid["error"]["code"] == "bad_query" and "no grid positions" in no_grid["error"]["message"]
     assert client.get("/api/slides/C1-S1/heatmap").json()["error"]["message"].startswith("a heatmap needs")
     assert "no grid positions" in client.get("/slides/C1-S2").text
+
+
+def test_status_lists_the_slide_vector_kinds(client):
+    status = client.get("/api/status").json()
+    assert set(status["slide_vectors"]) == {"mean", "medoid"}
+    assert status["slide_vectors"]["mean"]["count"] == 4
+    assert "slide vectors: medoid" in client.get("/status").text

@@ -169,6 +169,7 @@ class Engine:
             },
             # The index on disk checked against the build the database records (pointer, file, checksum).
             "index_problem": self.index_directory.problem(build),
+            "slide_vectors": self.slides.kinds(),
             "last_job": self.store.last_job(),
             "running_job": running,
             "recent_errors": self.store.recent_errors(),
