@@ -389,6 +389,7 @@ def _evaluate(args: argparse.Namespace, settings: Settings, store) -> int:
         mode="index" if args.index else "exact",
         k=args.k,
         tta=args.tta,
+        pooling=getattr(args, "pooling", "mean"),
         prompt_ensemble=not getattr(args, "no_ensemble", False),
         filters={key: value for key, value in filters.items() if value},
         n_boot=args.bootstrap,
@@ -551,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
         if kind == "zeroshot":
             run.add_argument("--classes", type=Path, help="CSV label,names (names: name|synonym|...)")
             run.add_argument("--no-ensemble", action="store_true", help="class names alone, without prompt templates")
+        if kind == "slides":
+            run.add_argument("--pooling", choices=["mean", "medoid"], default="mean",
+                             help="slide vectors: mean (default) or medoid (docs/slides.md)")  # fmt: skip
         mode = run.add_mutually_exclusive_group()
         mode.add_argument("--exact", action="store_true", help="embed the set and search it by brute force (default)")
         mode.add_argument(

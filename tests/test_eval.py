@@ -230,6 +230,10 @@ def test_zeroshot_pairs_and_slides(cli, labelled):
     assert code == 0, run
     assert run["report"]["n_queries"] == 24 and set(run["report"]["metrics"]) == {"Acc@1", "Acc@3", "Acc@5", "MVAcc@3"}
     assert run["report"]["metrics"]["Acc@1"]["value"] == 1.0
+    assert run["settings"]["pooling"] == "mean" and run["report"]["pooling"].startswith("mean: mean of the slide's")
+    code, medoid = cli("eval", "slides", str(labelled), "--pooling", "medoid", "--quiet", "--json")
+    assert code == 0 and medoid["report"]["pooling"].startswith("medoid: mean of the 50% of CONCH tiles")
+    assert medoid["settings"]["pooling"] == "medoid" and medoid["report"]["metrics"]["Acc@1"]["value"] == 1.0
 
 
 def test_bad_sets_fail_with_one_line(cli, tmp_path, labelled):

@@ -27,6 +27,7 @@ from search.evaluation.datasets import load_classes, load_labelled, load_pairs
 from search.evaluation.embeddings import EmbeddingCache, cached_image_vectors, indexed_vectors
 from search.evaluation.ranking import rank_exact, rank_index
 from search.evaluation.reports import pairs_report, retrieval_report, zero_shot_report
+from search.slides.aggregate import DESCRIPTIONS, METHODS, slide_vector
 from search.storage.index_directory import IndexDirectory
 from search.storage.store import Store
 from search.storage.vectors import LiveIndex, VectorIndex
@@ -47,6 +48,7 @@ class Options:
     n_boot: int = DEFAULT_RESAMPLES
     seed: int = DEFAULT_SEED
     progress: bool = False
+    pooling: str = "mean"  # slide vectors for `eval slides`: a built-in method of search.slides.aggregate
 
     def __post_init__(self) -> None:
         if self.mode not in ("exact", "index"):
@@ -55,6 +57,8 @@ class Options:
             raise BadInput(f"--k must be between 1 and 1000, got {self.k}")
         if self.n_boot < 1:
             raise BadInput(f"the bootstrap needs at least one resample, got {self.n_boot}")
+        if self.pooling not in METHODS:
+            raise BadInput(f"--pooling must be one of {', '.join(METHODS)}, got {self.pooling!r}")
         if self.filters and self.mode != "index":
             raise BadInput("filters (--source, --slide, --case, --meta) apply to the live index: add --index")
 
@@ -111,7 +115,8 @@ class Evaluator:
         return self._run("tiles", data.source, data.content_hash, len(data.items), space, options, report)
 
     def slides(self, path: Path, options: Options) -> dict:
-        """Slide -> slide: each slide is the mean of its tiles' vectors; leave-one-patient-out."""
+        """Slide -> slide: each slide pooled from its tiles' vectors (``options.pooling``, the built-in slide
+        vectors); leave-one-patient-out."""
         data = load_labelled(path)
         if any(item.slide is None for item in data.items):
             raise BadInput(f"{path}: slide evaluation needs a slide_id on every row (CSV path,label,case_id,slide_id)")
@@ -126,9 +131,7 @@ class Evaluator:
                 names = ", ".join(data.classes[c] for c in found)
                 raise BadInput(f"{path}: slide {slide_keys[s]} has tiles of several labels ({names}): one per slide")
             labels[s], patients[s] = found[0], data.patients[members][0]
-        pooled = np.zeros((len(slide_keys), vectors.shape[1]), np.float64)
-        np.add.at(pooled, slide_of, vectors)
-        pooled = (pooled / np.linalg.norm(pooled, axis=1, keepdims=True)).astype(np.float32)
+        pooled = np.stack([slide_vector(vectors[slide_of == s], options.pooling) for s in range(len(slide_keys))])
         ranked = rank_exact(
             pooled, pooled, 5, query_groups=patients, db_groups=patients, query_labels=labels, db_labels=labels
         )
@@ -137,7 +140,7 @@ class Evaluator:
             labels, ranked, labels, _relevant(labels, patients, every), data.classes,
             mv_k=3, ap_k=None, mv_name="MVAcc", n_boot=options.n_boot, seed=options.seed,
         )  # fmt: skip
-        report["pooling"] = "mean of tile vectors, L2-normalised"
+        report["pooling"] = f"{options.pooling}: {DESCRIPTIONS[options.pooling]}, L2-normalised"
         return self._run("slides", data.source, data.content_hash, len(slide_keys), space, options, report)
 
     def zeroshot(self, path: Path, classes_file: Path | None, options: Options) -> dict:
@@ -274,6 +277,7 @@ class Evaluator:
                 "nprobe": index.nprobe if index is not None else None,
                 "prompt_ensemble": options.prompt_ensemble if kind == "zeroshot" else None,
                 "tta": options.tta if options.mode == "exact" else None,
+                "pooling": options.pooling if kind == "slides" else None,
                 "k": options.k,
                 "filters": dict(options.filters),
                 "bootstrap": {"resamples": options.n_boot, "seed": options.seed},
