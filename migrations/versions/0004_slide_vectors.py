@@ -1,7 +1,7 @@
 """Slide vectors: one row per slide and kind (mean, medoid, wsc) with model fingerprint, method and digest.
 
 Revision ID: 0004
-Revises: 0003
+Revises: 0002
 Create Date: 2026-12-02
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004"
-down_revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
