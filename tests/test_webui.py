@@ -12,6 +12,7 @@ from PIL import Image
 
 from search.engine.engine import Engine
 from search.engine.filters import Filters
+from tests.archives import bomb_png
 from tests.index_fixture import HOSTILE, build_index
 from webui import server
 from webui.app import create_app
@@ -224,14 +225,17 @@ def test_images_by_id_with_cache_headers(client, indexed):
 @pytest.mark.parametrize(
     ("payload", "status", "code", "words"),
     [
-        (b"\x89PNG" + b"0" * 5000, 413, "too_large", "max_upload_bytes"),  # over the file limit, within the body's
+        (b"\x89PNG" + b"0" * 25_000, 413, "too_large", "max_upload_bytes"),  # over the file limit, within the body's
         (b"0" * 200_000, 413, "too_large", "max_upload_bytes"),  # refused before the route reads it
         (b"hello, not an image", 422, "bad_input", "not a JPEG, PNG, TIFF or WebP"),
-        (_png((100, 100)), 422, "bad_input", "too many pixels"),
+        (_png((100, 100)), 422, "bad_input", "too many pixels (limit 4096, setting max_upload_pixels)"),
+        # 12 kB claiming the archive limit of 100 Mpx: refused from its header, far below max_image_pixels.
+        (bomb_png(10_000, 10_000), 422, "bad_input", "10000x10000 is too many pixels"),
     ],
 )
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_upload_limits(indexed, tiny_encoder, payload, status, code, words):
-    client, _ = _client(indexed, tiny_encoder, max_upload_bytes=4000, max_image_pixels=64 * 64)
+    client, _ = _client(indexed, tiny_encoder, max_upload_bytes=20_000, max_upload_pixels=64 * 64)
     response = client.post("/api/search/image", files={"image": ("upload.png", payload, "image/png")})
     assert response.status_code == status
     error = response.json()["error"]

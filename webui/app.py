@@ -14,6 +14,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+from search.archives.decode import UploadDecoder
 from search.core.settings import Settings
 from search.engine.engine import Engine
 
@@ -46,6 +47,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine if engine is not None else Engine(settings)
     app.state.templates = make_templates()
+    app.state.upload_decoder = UploadDecoder(settings.max_upload_pixels, settings.max_upload_decodes)
 
     for module in (search, cases, slides, tiles, status, evaluation, images, login):
         app.include_router(module.router)

@@ -70,6 +70,13 @@ class IndexUnavailable(HistosearchError):
     code = "index_unavailable"
 
 
+class ServerBusy(HistosearchError):
+    """Every slot for a bounded piece of work (decoding uploads) is taken: retry shortly."""
+
+    status = 503
+    code = "busy"
+
+
 class IndexBusy(HistosearchError):
     """Another indexer holds the index lock."""
 
