@@ -71,3 +71,9 @@ def test_upload_and_session_limits_must_be_positive(monkeypatch, name):
     monkeypatch.setenv(f"HISTOSEARCH_{name.upper()}", "0")
     with pytest.raises(ConfigError, match=name):
         load_settings()
+
+
+def test_card_fields_from_a_comma_separated_variable(monkeypatch):
+    assert load_settings().card_fields == []
+    monkeypatch.setenv("HISTOSEARCH_CARD_FIELDS", "organ, tumour_infiltrating_lymphocytes")
+    assert load_settings().card_fields == ["organ", "tumour_infiltrating_lymphocytes"]

@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     max_upload_decodes: int = Field(2, ge=1, le=64)
     max_query_chars: int = Field(500, ge=1)
     max_k: int = Field(500, ge=1)
+    # Metadata fields shown on result cards, in order (comma-separated); empty: each tile's first three.
+    # The others are on the card's hover, in the quick view and on the tile page.
+    card_fields: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     @field_validator("auth_token")
     @classmethod
@@ -118,9 +121,9 @@ class Settings(BaseSettings):
             )
         return v
 
-    @field_validator("allowed_hosts", mode="before")
+    @field_validator("allowed_hosts", "card_fields", mode="before")
     @classmethod
-    def _split_hosts(cls, v: object) -> object:
+    def _split_commas(cls, v: object) -> object:
         return [part.strip() for part in v.split(",") if part.strip()] if isinstance(v, str) else v
 
     @field_validator("allowed_hosts")
