@@ -189,11 +189,11 @@ ID_ROUTES = [
 ]
 
 
-@pytest.mark.parametrize("route", ID_ROUTES)
-@pytest.mark.parametrize("tile_id", [2**63 - 1, 2**63, 2**64 + 5, -(2**63) - 1, 10**40])
-def test_huge_ids_are_not_found_or_invalid_never_500(client, route, tile_id):
-    response = client.get(route.format(id=tile_id))
-    assert response.status_code in (404, 422), response.text
+def test_huge_ids_are_not_found_or_invalid_never_500(client):
+    for route in ID_ROUTES:
+        for tile_id in (2**63 - 1, 2**63, 2**64 + 5, -(2**63) - 1, 10**40):
+            response = client.get(route.format(id=tile_id))
+            assert response.status_code in (404, 422), (route, tile_id, response.text)
 
 
 def test_meta_filter_count_is_bounded(client):

@@ -16,6 +16,7 @@ from tests.archives import bomb_png
 from tests.index_fixture import HOSTILE, build_index
 from webui import server
 from webui.app import create_app
+from webui.privacy import redact_paths
 
 
 @pytest.fixture
@@ -62,7 +63,9 @@ def _twin(api_answer: dict, engine_answer: dict) -> list[tuple[str, str, int]]:
     assert _unlinked(api_answer, links) == engine_answer
     expected = {"url": "/tiles/{}", "thumbnail_url": "/images/thumbs/{}.jpg", "image_url": "/images/tiles/{}.jpg"}
     for key, url, tile_id in links:
-        assert url == expected[key].format(tile_id)
+        # Image URLs name their content (?v=), so a rebuilt index never shows a stale cached image.
+        bare, _, version = url.partition("?v=")
+        assert bare == expected[key].format(tile_id) and (bool(version) == (key != "url"))
     assert not [key for key, _, _ in links if key not in expected]
     linked = {tile_id for key, _, tile_id in links if key == "url"}
     assert linked == {tile_id for key, _, tile_id in links if key == "thumbnail_url"}
@@ -84,7 +87,7 @@ def test_search_page_and_its_json_twin(client, engine):
     assert _tile_ids(page.text) == [r["tile_id"] for r in api.json()["results"]]
     for r in api.json()["results"]:
         assert f'href="/similar/{r["tile_id"]}"' in page.text
-        assert f'href="/tiles/{r["tile_id"]}"' in page.text
+        assert f'href="/tiles/{r["tile_id"]}?back=' in page.text
     # Text search is a plain GET form: it works with JavaScript off.
     assert re.search(r'<form[^>]*method="get" action="/"', page.text) and 'name="q"' in page.text
 
@@ -124,12 +127,12 @@ def test_tile_page_and_twins(client, engine, indexed):
     page = client.get(f"/tiles/{tile_id}")
     assert page.status_code == 200
     tile = client.get(f"/api/tiles/{tile_id}").json()
-    links = _twin(tile, engine.tile(tile_id))
-    assert ("image_url", f"/images/tiles/{tile_id}.jpg", tile_id) in links
+    links = _twin(tile, redact_paths(engine.tile(tile_id)))
+    assert ("image_url", f"/images/tiles/{tile_id}.jpg", tile_id) in [(k, u.split("?")[0], i) for k, u, i in links]
     assert {n["tile_id"] for n in tile["neighbours"]} | {tile_id} == {i for key, _, i in links if key == "url"}
     describe = client.get(f"/api/tiles/{tile_id}/describe", params={"k": 4}).json()
     assert describe == engine.describe(tile_id=tile_id, k=4)
-    assert f'src="/images/tiles/{tile_id}.jpg"' in page.text
+    assert f'src="/images/tiles/{tile_id}.jpg?v=' in page.text
     assert page.text.count("/images/thumbs/") == 9  # the 3 x 3 neighbourhood
     for text in engine.describe(tile_id=tile_id, k=3)["results"]:
         assert text["text"] in page.text.replace("&lt;", "<").replace("&gt;", ">").replace("&#39;", "'")
@@ -140,7 +143,7 @@ def test_tile_page_and_twins(client, engine, indexed):
 def test_status_page_and_twin(client, engine):
     page = client.get("/status")
     assert page.status_code == 200
-    assert client.get("/api/status").json() == engine.status()
+    assert client.get("/api/status").json() == redact_paths(engine.status())
     assert "flat" in page.text and "conch_tiny" in page.text
 
 
@@ -190,7 +193,10 @@ def test_filters_are_get_parameters(client, engine):
     _twin(api.json(), engine.search_text("gland", k=50, filters=Filters(case="C2", meta={"organ": "colon"})))
     assert {r["case"] for r in api.json()["results"]} == {"C2"}
     page = client.get("/", params={"q": "gland", "case": "C2"}).text
-    assert '<option value="C2" selected>' in page
+    assert re.search(r'<option value="C2" selected>C2 · \d+</option>', page)
+    # A filter left at "any" is not carried in the URL: the page redirects to the URL without it.
+    empty = client.get("/", params={"q": "gland", "case": "", "slide": ""}, follow_redirects=False)
+    assert empty.status_code == 303 and empty.headers["location"] == "/?q=gland"
 
 
 def test_paging_links(client, engine):
@@ -205,11 +211,17 @@ def test_paging_links(client, engine):
     assert 'rel="next"' not in last and len(_tile_ids(last)) == 6
 
 
-def test_images_by_id_with_cache_headers(client, indexed):
+def test_images_by_id_with_cache_headers(client, engine, indexed):
     tile_id = indexed.ids["C1/C1-S2/t3.png"]
+    # The URL the pages link names the content: cached for good. A bare id is revalidated each time.
+    versioned = client.get(f"/api/tiles/{tile_id}").json()["thumbnail_url"]
+    assert versioned.startswith(f"/images/thumbs/{tile_id}.jpg?v=")
+    cached = client.get(versioned)
+    assert "immutable" in cached.headers["cache-control"] and "max-age=31536000" in cached.headers["cache-control"]
     thumb = client.get(f"/images/thumbs/{tile_id}.jpg")
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
-    assert "immutable" in thumb.headers["cache-control"] and "max-age=31536000" in thumb.headers["cache-control"]
+    assert "no-cache" in thumb.headers["cache-control"] and thumb.content == cached.content
+    assert client.get(f"/images/thumbs/{tile_id}.jpg?v=stale").headers["cache-control"].endswith("no-cache")
     assert Image.open(io.BytesIO(thumb.content)).format == "JPEG"
     etag = thumb.headers["etag"]
     again = client.get(f"/images/thumbs/{tile_id}.jpg", headers={"If-None-Match": etag})
@@ -276,13 +288,13 @@ def test_auth_token_off_needs_nothing(client):
 
 
 def test_auth_token_on(indexed, tiny_encoder):
-    client, _ = _client(indexed, tiny_encoder, auth_token="s3cret-token")
+    client, _ = _client(indexed, tiny_encoder, auth_token="s3cret-token-16chars")
     tile_id = indexed.ids["C1/C1-S2/t0.png"]
     denied = client.get("/api/status")
     assert denied.status_code == 401 and denied.json()["error"]["code"] == "unauthorized"
     assert denied.headers["www-authenticate"] == "Bearer"
     assert client.get("/api/status", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert client.get("/api/status", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
+    assert client.get("/api/status", headers={"Authorization": "Bearer s3cret-token-16chars"}).status_code == 200
     assert client.get(f"/images/thumbs/{tile_id}.jpg").status_code == 401
     upload = client.post("/api/search/image", files={"image": ("q.png", _png(), "image/png")})
     assert upload.status_code == 401
@@ -292,14 +304,19 @@ def test_auth_token_on(indexed, tiny_encoder):
     assert client.get("/static/style.css").status_code == 200
     wrong = client.post("/login", data={"token": "nope", "next": "/"}, follow_redirects=False)
     assert wrong.status_code == 401 and "histosearch_session" not in wrong.cookies
-    right = client.post("/login", data={"token": "s3cret-token", "next": "/status"}, follow_redirects=False)
+    right = client.post("/login", data={"token": "s3cret-token-16chars", "next": "/status"}, follow_redirects=False)
     assert right.status_code == 303 and right.headers["location"] == "/status"
-    assert "s3cret-token" not in right.headers["set-cookie"]
+    assert "s3cret-token-16chars" not in right.headers["set-cookie"]
     assert client.get("/").status_code == 200  # the cookie now opens pages
     assert client.get(f"/images/thumbs/{tile_id}.jpg").status_code == 200
-    offsite = client.post("/login", data={"token": "s3cret-token", "next": "//evil.example/"}, follow_redirects=False)
+    offsite = client.post(
+        "/login",
+        data={"token": "s3cret-token-16chars", "next": "//evil.example/"},
+        headers={"Origin": "http://testserver"},
+        follow_redirects=False,
+    )
     assert offsite.headers["location"] == "/"
-    client.post("/logout")
+    client.post("/logout", headers={"Origin": "http://testserver"})
     assert client.get("/", follow_redirects=False).status_code == 303
 
 
@@ -383,7 +400,7 @@ def test_serve_binds_loopback_by_default(indexed, monkeypatch, capsys):
     assert "warning" not in capsys.readouterr().err
     server.serve(indexed.settings.model_copy(update={"host": "0.0.0.0"}))
     assert "without an access token" in capsys.readouterr().err
-    server.serve(indexed.settings.model_copy(update={"host": "0.0.0.0", "auth_token": "t"}))
+    server.serve(indexed.settings.model_copy(update={"host": "0.0.0.0", "auth_token": "t" * 16}))
     assert "warning" not in capsys.readouterr().err
 
 

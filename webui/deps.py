@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, File, Request, UploadFile
+from fastapi import Depends, File, Path, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
@@ -47,6 +47,11 @@ async def get_uploaded_image(
         )
     return await run_in_threadpool(request.app.state.upload_decoder, data, f"upload {name}")
 
+
+# Ids are SQLite's signed 64-bit integers: a larger number names no tile (and would overflow the query).
+MAX_ID = 2**63 - 1
+TileId = Annotated[int, Path(ge=0, le=MAX_ID, description="a tile id")]
+TileQuery = Annotated[int | None, Query(ge=0, le=MAX_ID, description="an indexed tile id")]
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

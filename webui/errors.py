@@ -8,21 +8,65 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from search.core.errors import HistosearchError
 
+from .pages import QUERY_PAGES, render_query_page
+from .privacy import for_client
+
 _HTTP_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+# Nothing is loaded from anywhere but this server; inline scripts and styles are refused too.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+# On every answer (middleware.SecurityHeaders), and set here on 500s, which Starlette answers outside
+# every middleware.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+}
 
 log = logging.getLogger("histosearch.webui")
 
 
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    status: int
+
+
+class ErrorBody(BaseModel):
+    """Every error of the API: ``{"error": {"code", "message", "status"}}``."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict = {
+    "4XX": {"model": ErrorBody, "description": "the request cannot be answered; the message says what to do"},
+    "5XX": {"model": ErrorBody, "description": "the server cannot answer (no index, no model, busy, internal)"},
+}
+
+
 def render_error(request: Request, status: int, code: str, message: str) -> Response:
-    """The error as JSON for an ``/api`` path, else as the HTML error page."""
+    """The error as JSON for an ``/api`` path; on a query page (search, cases) the page itself with the
+    error inline and the query kept; else the HTML error page. Server paths in 5xx messages (a missing
+    checkpoint) are shown whole only to the admin (``privacy.py``)."""
+    if status >= 500:
+        message = for_client(request, message)
     body = {"error": {"code": code, "message": message, "status": status}}
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    if status == 500:
+        headers.update(SECURITY_HEADERS)
     if request.url.path == "/api" or request.url.path.startswith("/api/"):
         return JSONResponse(body, status_code=status, headers=headers)
+    if request.url.path in QUERY_PAGES and status in (400, 404, 413, 422, 503):
+        return render_query_page(request, QUERY_PAGES[request.url.path], body["error"])
     state = request.app.state
     context = {"error": body["error"], "page": "", "auth_enabled": state.settings.auth_token is not None}
     return state.templates.TemplateResponse(request, "error.html", context, status_code=status, headers=headers)

@@ -60,6 +60,13 @@ class Unauthorized(HistosearchError):
     code = "unauthorized"
 
 
+class Forbidden(HistosearchError):
+    """Refused whoever asks, e.g. a form posted from another site's page."""
+
+    status = 403
+    code = "forbidden"
+
+
 class NotFound(HistosearchError):
     status = 404
     code = "not_found"

@@ -7,6 +7,7 @@ that later requests (paging, cases, describe) can name instead of uploading the 
 
 from __future__ import annotations
 
+import io
 import threading
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ from PIL import Image
 
 from search.archives.decode import content_hash, decode_image
 from search.conch.encoder import DEFAULT_TEMPLATES, Encoder
-from search.core.errors import BadQuery, IndexUnavailable
+from search.core.errors import BadQuery, HistosearchError, IndexUnavailable, NotFound
 from search.core.settings import Settings
 from search.storage.store import Store
 
@@ -23,6 +24,8 @@ from .cache import LRU
 from .tiles import get_tile
 
 QUERY_CACHE_SIZE = 1024
+# Uploaded patches are kept as small JPEGs to show beside their results (~10 kB each).
+PREVIEW_PX = 192
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,9 @@ class QueryVectors:
         self._model_lock = threading.Lock()
         self._text_vectors = LRU(QUERY_CACHE_SIZE)
         self._image_vectors = LRU(QUERY_CACHE_SIZE)
+        self._image_previews = LRU(QUERY_CACHE_SIZE)
+        # Why the model could not be loaded, as its error said: for /status and the page banners.
+        self.load_error: str | None = None
 
     @property
     def loaded_encoder(self) -> Encoder | None:
@@ -59,8 +65,20 @@ class QueryVectors:
         if self._encoder is None:
             with self._encoder_lock:
                 if self._encoder is None:
-                    self._encoder = Encoder.from_settings(self.settings)
+                    try:
+                        self._encoder = Encoder.from_settings(self.settings)
+                    except HistosearchError as exc:
+                        self.load_error = exc.message
+                        raise
+                    self.load_error = None
         return self._encoder
+
+    def preview(self, ref: str) -> dict:
+        """An uploaded image kept under ``ref``: ``{"width", "height", "jpeg"}`` (a small JPEG to show)."""
+        found = self._image_previews.get(ref)
+        if found is None:
+            raise NotFound(f"image {ref!r} is not (or no longer) held by this server: upload the image again")
+        return found
 
     def query_vector(
         self, *, text: str | None = None, image: Image.Image | str | None = None, tile_id: int | None = None
@@ -76,7 +94,11 @@ class QueryVectors:
         if image is not None:
             build = self.live_build(for_encoder=True)
             ref, vector = self._image_vector(image)
-            return Query({"image": ref}, vector, build)
+            names: dict = {"image": ref}
+            kept = self._image_previews.get(ref)
+            if kept is not None:
+                names.update(width=kept["width"], height=kept["height"])
+            return Query(names, vector, build)
         build = self.live_build()
         get_tile(self.store, tile_id)
         vector = self.store.get_embeddings([tile_id], build["model_fingerprint"])[0]
@@ -136,4 +158,14 @@ class QueryVectors:
             with self._model_lock:
                 vector = encoder.encode_images([image.convert("RGB")])[0]
             self._image_vectors.put(ref, vector)
+        if self._image_previews.get(ref) is None:
+            self._image_previews.put(ref, _preview(image))
         return ref, vector
+
+
+def _preview(image: Image.Image) -> dict:
+    small = image.convert("RGB")
+    small.thumbnail((PREVIEW_PX, PREVIEW_PX))
+    buffer = io.BytesIO()
+    small.save(buffer, "JPEG", quality=85)
+    return {"width": image.width, "height": image.height, "jpeg": buffer.getvalue()}

@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from search.core.errors import BadQuery
 
-from ..copy import EXAMPLE_QUERIES
-from ..deps import EngineDep, FiltersDep, FormFiltersDep, UploadedImage
-from ..pages import DEFAULT_K, render
-from ..urls import filter_params, page_urls, ranked_links, url_with
+from ..deps import EngineDep, FiltersDep, FormFiltersDep, TileId, UploadedImage
+from ..pages import DEFAULT_K, query_context, render
+from ..urls import clean_url, filter_params, page_urls, ranked_links, url_with
 
 router = APIRouter()
 
@@ -29,18 +28,21 @@ def search_page(
     image: str = "",
     k: K = DEFAULT_K,
     offset: Offset = 0,
-) -> HTMLResponse:
-    context: dict = {"page": "search", "q": q, "k": k, "filters": filters, "examples": EXAMPLE_QUERIES}
-    context["facets"] = engine.facets()
+) -> Response:
+    if (clean := clean_url(request)) is not None:
+        return RedirectResponse(clean, status_code=303)
+    context = query_context(request, "search", filters, q, k)
     result = None
     if q.strip():
         result = engine.search_text(q, k, offset, filters)
         context.update(mode="text", cases_url=url_with("/cases", q=q, **filter_params(filters)))
     elif image:
         result = engine.search_image(image, k, offset, filters)
-        context.update(mode="image", cases_url=url_with("/cases", image=image, **filter_params(filters)))
+        context.update(mode="image", query_image=result["query"])
+        context["cases_url"] = url_with("/cases", image=image, **filter_params(filters))
     if result is not None:
         context["prev_url"], context["next_url"] = page_urls(request, result)
+        result = ranked_links(result)
     context["result"] = result
     return render(request, "search.html", context)
 
@@ -56,24 +58,19 @@ def search_image_form(
 
 @router.get("/similar/{tile_id}", response_class=HTMLResponse, include_in_schema=False)
 def similar_page(
-    request: Request, engine: EngineDep, filters: FiltersDep, tile_id: int, k: K = DEFAULT_K, offset: Offset = 0
-) -> HTMLResponse:
+    request: Request, engine: EngineDep, filters: FiltersDep, tile_id: TileId, k: K = DEFAULT_K, offset: Offset = 0
+) -> Response:
+    if (clean := clean_url(request)) is not None:
+        return RedirectResponse(clean, status_code=303)
     result = engine.similar(tile_id, k, offset, filters)
-    prev_url, next_url = page_urls(request, result)
-    context = {
-        "page": "search",
-        "q": "",
-        "k": k,
-        "filters": filters,
-        "examples": EXAMPLE_QUERIES,
-        "facets": engine.facets(),
-        "mode": "similar",
-        "query_tile": tile_id,
-        "cases_url": url_with("/cases", tile=tile_id, **filter_params(filters)),
-        "result": result,
-        "prev_url": prev_url,
-        "next_url": next_url,
-    }
+    context = query_context(request, "search", filters, "", k)
+    context["prev_url"], context["next_url"] = page_urls(request, result)
+    context.update(
+        mode="similar",
+        query_tile=engine.tile(tile_id),
+        cases_url=url_with("/cases", tile=tile_id, **filter_params(filters)),
+        result=ranked_links(result),
+    )
     return render(request, "search.html", context)
 
 
@@ -109,6 +106,6 @@ def api_search_image(
 
 
 @router.get("/api/similar/{tile_id}", tags=["search"])
-def api_similar(engine: EngineDep, filters: FiltersDep, tile_id: int, k: K = DEFAULT_K, offset: Offset = 0) -> dict:
+def api_similar(engine: EngineDep, filters: FiltersDep, tile_id: TileId, k: K = DEFAULT_K, offset: Offset = 0) -> dict:
     """Tiles like an indexed tile, from its stored embedding; the tile itself is left out."""
     return ranked_links(engine.similar(tile_id, k, offset, filters))
