@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from search.core.settings import load_settings
 from search.engine.engine import Engine
@@ -45,4 +46,6 @@ schema = schemathesis.pytest.from_fixture("api_schema")
     suppress_health_check=list(HealthCheck),
 )
 def test_api_answers_every_generated_request_in_its_documented_shape(case):
-    case.call_and_validate()
+    # Every check but "schema-valid data is accepted": the schema cannot say that q and image exclude each
+    # other or which tile ids exist, so a 400 or 404 to such a request is the right answer, in its shape.
+    case.call_and_validate(excluded_checks=[positive_data_acceptance])

@@ -4,6 +4,7 @@ error page elsewhere, for our own errors, bad parameters, unknown routes and une
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -53,17 +54,22 @@ ERROR_RESPONSES: dict = {
 }
 
 
-def render_error(request: Request, status: int, code: str, message: str) -> Response:
-    """The error as JSON for an ``/api`` path; on a query page (search, cases) the page itself with the
+def render_error(
+    request: Request, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> Response:
+    """The error as JSON for an ``/api`` or ``/images`` path; on a query page (search, cases) the page itself with the
     error inline and the query kept; else the HTML error page. Server paths in 5xx messages (a missing
     checkpoint) are shown whole only to the admin (``privacy.py``)."""
     if status >= 500:
         message = for_client(request, message)
     body = {"error": {"code": code, "message": message, "status": status}}
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    headers = dict(headers or {})
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     if status == 500:
         headers.update(SECURITY_HEADERS)
-    if request.url.path == "/api" or request.url.path.startswith("/api/"):
+    # The API and the image routes (documented in the same schema) answer JSON; pages answer HTML.
+    if request.url.path == "/api" or request.url.path.startswith(("/api/", "/images/")):
         return JSONResponse(body, status_code=status, headers=headers)
     if request.url.path in QUERY_PAGES and status in (400, 404, 413, 422, 503):
         return render_query_page(request, QUERY_PAGES[request.url.path], body["error"])
@@ -87,7 +93,9 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         message = f"no page or API route at {request.url.path}" if exc.status_code == 404 else str(exc.detail)
-        return render_error(request, exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), message)
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        # A 405 names the methods the route allows (Allow), as HTTP asks.
+        return render_error(request, exc.status_code, code, message, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> Response:

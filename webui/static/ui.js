@@ -62,8 +62,8 @@
     var card = cards[current];
     image.src = card.dataset.image;
     image.alt = "tile " + card.dataset.tileId;
-    box.querySelector(".lb-title").textContent =
-      card.querySelector(".score").textContent.replace(/\s+/g, " ").trim() + " · " + (current + 1) + " of " + cards.length;
+    box.querySelector(".lb-title").textContent = card.querySelector(".score .rank").textContent + " · " +
+      card.querySelector(".score .label").textContent + " · " + (current + 1) + " of " + cards.length;
     var facts = box.querySelector(".lb-facts");
     facts.textContent = "";
     var all = card.querySelector("dl.all-facts") || card.querySelector("dl.facts");
