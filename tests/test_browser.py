@@ -343,3 +343,19 @@ def test_case_and_slide_on_cards_are_links_that_filter(server, page):
     assert f"case={case}" in page.url and "q=gland" in page.url
     assert {c for c in page.locator("article.card dl.facts dd a").all_inner_texts() if c.startswith("C")} >= {case}
     assert page.locator(".chip").count() == 1
+
+
+def test_many_valued_filters_are_a_typeahead_with_counts(tiny_settings, tiny_encoder, tmp_path, page):
+    indexed = build_index(tiny_settings, tiny_encoder, tmp_path / "tiles")
+    app = create_app(indexed.settings, Engine(indexed.settings, store=indexed.store, encoder=tiny_encoder))
+    app.state.templates.env.globals["DROPDOWN_MAX"] = 1  # four slides: more than a dropdown holds here
+    with serving(app) as base:
+        page.goto(base + "/")
+        field = page.locator("input[name=slide][data-facet]")
+        options = "() => [...document.querySelectorAll('#values-slide option')].map(o => o.value + ' ' + o.label)"
+        assert len(page.evaluate(options)) == 4
+        field.fill("c2")
+        page.wait_for_function(f"() => ({options})().length == 2")
+        # The two slides of case C2 (any case), each with its tile count from the server.
+        assert all(re.fullmatch(r"C2-S[12] \d+ tiles?", o) for o in page.evaluate(options))
+        page.goto("about:blank")

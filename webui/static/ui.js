@@ -36,6 +36,37 @@
     });
   });
 
+  // Filters with many values: the suggestions follow what is typed, from the server, with tile counts.
+  Array.prototype.forEach.call(document.querySelectorAll("input[data-facet]"), function (field) {
+    var list = document.getElementById(field.getAttribute("list"));
+    var hint = field.parentNode.querySelector(".hint");
+    var timer = null;
+    field.addEventListener("input", function () {
+      clearTimeout(timer);
+      timer = setTimeout(function () {
+        var url = "/api/facets/" + encodeURIComponent(field.dataset.facet) + "?limit=50&prefix=" +
+          encodeURIComponent(field.value);
+        fetch(url, {credentials: "same-origin"}).then(function (response) {
+          return response.ok ? response.json() : null;
+        }).then(function (facet) {
+          if (!facet) return;
+          list.textContent = "";
+          facet.values.forEach(function (v) {
+            var option = document.createElement("option");
+            option.value = v.value;
+            option.label = v.count + (v.count === 1 ? " tile" : " tiles");
+            list.appendChild(option);
+          });
+          if (hint) {
+            hint.textContent = facet.distinct > facet.values.length
+              ? facet.values.length + " of " + facet.distinct + " shown: type to narrow"
+              : facet.distinct + " matching";
+          }
+        });
+      }, 200);
+    });
+  });
+
   var cards = Array.prototype.slice.call(document.querySelectorAll("article.card[data-image]"));
   if (!cards.length) return;
 
