@@ -413,3 +413,66 @@ def test_serve_leaves_no_warm_up_thread_behind(indexed, monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
     server.serve(indexed.settings)
     assert [t.name for t in threading.enumerate() if t.name == "histosearch-warm-up"] == []
+
+
+def test_uploaded_patch_is_shown_with_its_size(client, indexed):
+    data = (indexed.folder / "C2/C2-S2/t4.png").read_bytes()
+    answer = client.post("/api/search/image", files={"image": ("q.png", data, "image/png")}).json()
+    query = answer["query"]
+    assert (query["width"], query["height"]) == (64, 64)
+    patch = client.get(f"/images/uploads/{query['image']}.jpg")
+    assert patch.status_code == 200 and Image.open(io.BytesIO(patch.content)).size == (64, 64)
+    page = client.get("/", params={"image": query["image"]}).text
+    assert f'src="/images/uploads/{query["image"]}.jpg"' in page and "64 × 64 px" in page
+    cases = client.get("/cases", params={"image": query["image"]}).text
+    assert f'src="/images/uploads/{query["image"]}.jpg"' in cases
+    assert client.get("/images/uploads/0123456789abcdef0123.jpg").status_code == 404
+
+
+def test_facets_api_counts_and_hides_server_paths(client, indexed):
+    slides = client.get("/api/facets/slide", params={"prefix": "c2"}).json()
+    assert {v["value"] for v in slides["values"]} == {"C2-S1", "C2-S2"} and slides["distinct"] == 2
+    assert sum(v["count"] for v in slides["values"]) == sum(p.startswith("C2/") for p in indexed.ids)
+    sources = client.get("/api/facets/source").json()
+    assert sources["values"][0]["label"] == "tiles" and str(indexed.folder) not in str(sources)
+    assert client.get("/api/facets/organ").json()["error"]["code"] == "bad_query"
+
+
+def test_score_labels_are_relative_and_never_negative(client):
+    page = client.get("/", params={"q": "gland"}).text
+    shares = [int(x) for x in re.findall(r"(\d+)% of the best match", page)]
+    assert shares[0] == 100 and all(0 <= s <= 100 for s in shares) and shares == sorted(shares, reverse=True)
+    cases = client.get("/cases", params={"q": "gland"}).text
+    assert not re.search(r"<figcaption>-", cases) and "% of the best case" in cases
+
+
+def test_query_errors_are_inline_with_the_query_kept(client):
+    page = client.get("/", params={"q": "cribriform glands", "k": 10_000})
+    assert page.status_code == 400
+    assert 'class="inline-error"' in page.text and 'value="cribriform glands"' in page.text
+    assert "max_k" in page.text and "data-image-form" in page.text
+    bad = client.post("/search/image", files={"image": ("q.txt", b"not an image", "text/plain")})
+    assert bad.status_code == 422 and "That image cannot be used" in bad.text and 'role="search"' in bad.text
+
+
+def test_status_shows_per_run_counts_and_refused_files(client, engine):
+    store = engine.store
+    job = store.start_job("index", {"paths": []})
+    store.record_error("case9/broken.png", "corrupt or truncated image", job_id=job)
+    store.record_error("case9/huge.png", "40000x40000 is too many pixels", job_id=job)
+    store.update_job(job, done=172, total=174, errors=2)
+    store.finish_job(job, "done", "…/tiles (folder): 172 new, 2 errors")
+    status = client.get("/api/status").json()["last_job"]
+    assert (status["total"], status["done"], status["errors"], status["refused_total"]) == (174, 172, 2, 2)
+    page = client.get("/status").text
+    assert re.search(r'data-count="seen">174<.*data-count="done">172<.*data-count="refused">2<', page, re.S)
+    assert "case9/huge.png" in page and "too many pixels" in page
+
+
+def test_tile_page_links_back_and_filters(client, indexed):
+    tile_id = indexed.ids["C1/C1-S1/tile_1_1.png"]
+    page = client.get(f"/tiles/{tile_id}", params={"back": "/?q=gland&case=C1"}).text
+    assert 'href="/?q=gland&amp;case=C1" rel="prev"' in page
+    assert f'href="/similar/{tile_id}?case=C1"' in page and f'href="/similar/{tile_id}?slide=C1-S1"' in page
+    offsite = client.get(f"/tiles/{tile_id}", params={"back": "//evil.example/"}).text
+    assert "evil.example" not in offsite
