@@ -46,6 +46,16 @@ def _png() -> bytes:
     return buffer.getvalue()
 
 
+def _status_with(client: TestClient, name: str, cookie: str) -> int:
+    """The status of GET /api/status sent with only this cookie."""
+    client.cookies.clear()
+    client.cookies.set(name, cookie)
+    try:
+        return client.get("/api/status").status_code
+    finally:
+        client.cookies.clear()
+
+
 def _login(client: TestClient) -> str:
     response = client.post("/login", data={"token": TOKEN, "next": "/"}, follow_redirects=False)
     assert response.status_code == 303
@@ -64,9 +74,9 @@ def test_login_cookie_is_a_signed_session_not_a_fixed_value(guarded):
     assert first != second  # a fresh session per login, not a hash of the token
     assert TOKEN not in first
     guarded.cookies.clear()
-    assert guarded.get("/api/status", cookies={name: first}).status_code == 200
+    assert _status_with(guarded, name, first) == 200
     tampered = first[:-2] + ("AA" if not first.endswith("AA") else "BB")
-    assert guarded.get("/api/status", cookies={name: tampered}).status_code == 401
+    assert _status_with(guarded, name, tampered) == 401
 
 
 def test_the_old_fixed_cookie_no_longer_opens_the_server(guarded):
@@ -75,7 +85,7 @@ def test_the_old_fixed_cookie_no_longer_opens_the_server(guarded):
 
     old = hmac.new(TOKEN.encode(), b"histosearch web session", hashlib.sha256).hexdigest()
     for name in ("histosearch_session", session_cookie_name(guarded.app.state.settings)):
-        assert guarded.get("/api/status", cookies={name: old}).status_code == 401
+        assert _status_with(guarded, name, old) == 401
 
 
 def test_login_cookie_flags(guarded, indexed, tiny_encoder):
@@ -105,7 +115,7 @@ def test_logout_ends_the_session(guarded):
     assert out.status_code == 303 and name in out.headers["set-cookie"]
     guarded.cookies.clear()
     # Someone who kept a copy of the cookie cannot use it after the logout.
-    assert guarded.get("/api/status", cookies={name: cookie}).status_code == 401
+    assert _status_with(guarded, name, cookie) == 401
 
 
 def test_sessions_expire(guarded):
@@ -116,9 +126,9 @@ def test_sessions_expire(guarded):
     keeper.clock = lambda: now[0]
     cookie = _login(guarded)
     guarded.cookies.clear()
-    assert guarded.get("/api/status", cookies={name: cookie}).status_code == 200
+    assert _status_with(guarded, name, cookie) == 200
     now[0] += settings.session_max_age_s + 1
-    assert guarded.get("/api/status", cookies={name: cookie}).status_code == 401
+    assert _status_with(guarded, name, cookie) == 401
 
 
 # --- hosts (DNS rebinding) -------------------------------------------------------------------------------

@@ -402,6 +402,13 @@ def test_serve_binds_loopback_by_default(indexed, monkeypatch, capsys):
     assert "without an access token" in capsys.readouterr().err
     server.serve(indexed.settings.model_copy(update={"host": "0.0.0.0", "auth_token": "t" * 16}))
     assert "warning" not in capsys.readouterr().err
+    # On all addresses with only the loopback names allowed, people's requests by name would get 400: say so.
+    loopback_only = {"host": "0.0.0.0", "auth_token": "t" * 16, "allowed_hosts": ["localhost", "127.0.0.1"]}
+    server.serve(indexed.settings.model_copy(update=loopback_only))
+    assert "HISTOSEARCH_ALLOWED_HOSTS" in capsys.readouterr().err
+    named = {**loopback_only, "allowed_hosts": ["search.lab.example"]}
+    server.serve(indexed.settings.model_copy(update=named))
+    assert "HISTOSEARCH_ALLOWED_HOSTS" not in capsys.readouterr().err
 
 
 def test_serve_leaves_no_warm_up_thread_behind(indexed, monkeypatch):
