@@ -196,6 +196,8 @@ ID_ROUTES = [
     "/cases?tile={id}",
     "/images/tiles/{id}.jpg",
     "/images/thumbs/{id}.jpg",
+    "/api/eval/runs/{id}",
+    "/eval/{id}",
 ]
 
 

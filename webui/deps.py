@@ -52,6 +52,7 @@ async def get_uploaded_image(
 MAX_ID = 2**63 - 1
 TileId = Annotated[int, Path(ge=0, le=MAX_ID, description="a tile id")]
 TileQuery = Annotated[int | None, Query(ge=0, le=MAX_ID, description="an indexed tile id")]
+RunId = Annotated[int, Path(ge=0, le=MAX_ID, description="an evaluation run id")]
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
