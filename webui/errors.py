@@ -48,6 +48,9 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+# What an image route answers with 200 (its errors are ERROR_RESPONSES like every route's).
+IMAGE_RESPONSES: dict = {200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}}}}
+
 ERROR_RESPONSES: dict = {
     "4XX": {"model": ErrorBody, "description": "the request cannot be answered; the message says what to do"},
     "5XX": {"model": ErrorBody, "description": "the server cannot answer (no index, no model, busy, internal)"},
@@ -57,9 +60,9 @@ ERROR_RESPONSES: dict = {
 def render_error(
     request: Request, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
 ) -> Response:
-    """The error as JSON for an ``/api`` or ``/images`` path; on a query page (search, cases) the page itself with the
-    error inline and the query kept; else the HTML error page. Server paths in 5xx messages (a missing
-    checkpoint) are shown whole only to the admin (``privacy.py``)."""
+    """The error as JSON for an ``/api``, ``/images`` or other image path; on a query page (search, cases)
+    the page itself with the error inline and the query kept; else the HTML error page. Server paths in
+    5xx messages (a missing checkpoint) are shown whole only to the admin (``privacy.py``)."""
     if status >= 500:
         message = for_client(request, message)
     body = {"error": {"code": code, "message": message, "status": status}}
@@ -69,7 +72,8 @@ def render_error(
     if status == 500:
         headers.update(SECURITY_HEADERS)
     # The API and the image routes (documented in the same schema) answer JSON; pages answer HTML.
-    if request.url.path == "/api" or request.url.path.startswith(("/api/", "/images/")):
+    path = request.url.path
+    if path == "/api" or path.startswith(("/api/", "/images/")) or path.endswith((".jpg", ".png")):
         return JSONResponse(body, status_code=status, headers=headers)
     if request.url.path in QUERY_PAGES and status in (400, 404, 413, 422, 503):
         return render_query_page(request, QUERY_PAGES[request.url.path], body["error"])

@@ -10,6 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from search.engine.tiles import RENDER_VERSION
 
 from ..deps import EngineDep, SettingsDep, TileId
+from ..errors import IMAGE_RESPONSES
 from ..urls import VERSION_CHARS
 
 router = APIRouter()
@@ -33,9 +34,6 @@ async def _image(
         return Response(status_code=304, headers=headers)
     data, content_type = await run_in_threadpool(engine.tile_bytes, tile_id, thumbnail)
     return Response(data, media_type=content_type, headers=headers)
-
-
-IMAGE_RESPONSES: dict = {200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}}}}
 
 
 @router.get("/images/tiles/{tile_id}.jpg", tags=["images"], response_class=Response, responses=IMAGE_RESPONSES)
