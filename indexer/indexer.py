@@ -17,7 +17,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from filelock import FileLock
 from tqdm import tqdm
 
 from indexer.batches import BatchEncoder, Encoded
@@ -32,6 +31,7 @@ from search.core.errors import BadInput, HistosearchError
 from search.core.settings import Settings
 from search.storage.database import describe_error
 from search.storage.index_directory import IndexDirectory
+from search.storage.locks import IndexerLock
 from search.storage.store import Store, TileState
 from search.storage.vectors import VectorIndex, choose_index_type
 
@@ -136,7 +136,7 @@ class Indexer:
         store: Store | None = None,
         encoder: Encoder | None = None,
         progress: bool = False,
-        lock: FileLock | None = None,
+        lock: IndexerLock | None = None,
     ) -> None:
         """``lock``: the indexer lock when the caller took it already (the CLI does, before importing this)."""
         self.settings = settings
@@ -157,8 +157,8 @@ class Indexer:
             self._encoder = Encoder.from_settings(self.settings)
         return self._encoder
 
-    def lock(self, wait: bool = False) -> FileLock:
-        """The one-indexer-at-a-time lock (``indexer.lock``); the one given at construction is re-entered."""
+    def lock(self, wait: bool = False) -> IndexerLock:
+        """The one-indexer-at-a-time lock (indexer/lock.py); the one given at construction is re-entered."""
         if self._held is not None:
             self._held.acquire()
             return self._held

@@ -1,4 +1,5 @@
-"""The one-indexer-at-a-time lock on a data dir.
+"""The one-indexer-at-a-time lock on a data dir (a file lock), or on a Postgres database (an advisory lock;
+search/storage/locks.py).
 
 Taken before the indexer (torch, the model) is imported: a second indexer refused by it says so at
 once instead of after seconds of imports.
@@ -6,21 +7,19 @@ once instead of after seconds of imports.
 
 from __future__ import annotations
 
-from filelock import FileLock, Timeout
-
 from search.core.errors import ConfigError, IndexBusy
 from search.core.settings import Settings
+from search.storage.locks import Busy, IndexerLock, acquire_indexer_lock
 
 
-def acquire(settings: Settings, wait: bool = False) -> FileLock:
+def acquire(settings: Settings, wait: bool = False) -> IndexerLock:
     """The held lock; a second indexer waits (``wait``) or stops with IndexBusy naming the running job."""
-    lock = FileLock(settings.data_dir / "indexer.lock", timeout=-1 if wait else 0)
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
-    except Timeout:  # a TimeoutError, so an OSError: caught first
+        lock = acquire_indexer_lock(settings.db_url, settings.data_dir / "indexer.lock", wait)
+    except Busy:  # caught first: filelock's Timeout, which Busy replaces, is an OSError
+        on = settings.data_dir if settings.database_url is None else "this database"
         raise IndexBusy(
-            f"another indexer is running on {settings.data_dir}{_running(settings)}: wait for it to finish, "
+            f"another indexer is running on {on}{_running(settings)}: wait for it to finish, "
             "or run again with --wait to queue behind it"
         ) from None
     except OSError as exc:

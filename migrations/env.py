@@ -7,12 +7,15 @@ The URL comes from ``config.attributes["url"]`` (set by ``search.storage.databas
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy import text
 
 from search.core.settings import load_settings
 from search.storage.database import create_db_engine
 from search.storage.schema import Base
 
 config = context.config
+# Any constant: advisory locks are per database.
+MIGRATION_LOCK_KEY = 0x68697374_6D696772  # "histmigr"
 
 
 def _url() -> str:
@@ -34,7 +37,8 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     # Foreign keys stay off while migrating: batch mode copies a table and drops the old one, and
     # that DROP with foreign keys on would cascade-delete every embedding of the tiles it moves.
-    # BEGIN IMMEDIATE makes two processes that open a new database migrate one after the other.
+    # BEGIN IMMEDIATE (SQLite) or a transaction-level advisory lock (Postgres) makes two processes that open
+    # a new database migrate one after the other; the second then finds the schema at head.
     engine = create_db_engine(_url(), foreign_keys=False, begin="IMMEDIATE")
     try:
         with engine.connect() as connection:
@@ -48,6 +52,8 @@ def run_migrations_online() -> None:
                 transactional_ddl=True,
             )
             with context.begin_transaction():
+                if connection.dialect.name == "postgresql":
+                    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
                 context.run_migrations()
                 if connection.dialect.name == "sqlite":
                     broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()

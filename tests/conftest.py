@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest_plugins = ["tests.store_fixture"]
+pytest_plugins = ["tests.postgres", "tests.store_fixture"]
 
 REFERENCE = Path(
     os.environ.get("HISTOSEARCH_CONCH_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "conch_reference")

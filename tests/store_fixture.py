@@ -1,4 +1,5 @@
-"""A fresh store on a real SQLite file, and rows to fill it with (pytest fixtures ``db`` and ``src``)."""
+"""A fresh store, once on a real SQLite file and once on a real Postgres server (tests/postgres.py), and rows to
+fill it with (pytest fixtures ``db`` and ``src``)."""
 
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ def tile_row(source_id: int, locator: str, **extra: object) -> dict:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Store]:
-    store = Store(db_url(tmp_path / "data" / "histosearch.db"))
+def db(database_url: str) -> Iterator[Store]:
+    store = Store(database_url)
     yield store
     store.close()
 

@@ -1,4 +1,5 @@
-"""Opening a database: migrations from nothing and back, concurrent first opens, connection settings."""
+"""Opening a database, SQLite and Postgres: the same migrations from nothing and back, concurrent first opens,
+connection settings."""
 
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ TABLES = {
 }
 
 
-def test_migrations_build_schema_from_nothing_and_downgrade_to_base(tmp_path: Path) -> None:
-    url = db_url(tmp_path / "new" / "h.db")
+def test_migrations_build_schema_from_nothing_and_downgrade_to_base(database_url: str) -> None:
+    url = database_url
     Store(url).close()
     engine = create_engine(url)
     try:
@@ -58,8 +59,8 @@ def test_migrations_build_schema_from_nothing_and_downgrade_to_base(tmp_path: Pa
         engine.dispose()
 
 
-def test_processes_opening_a_new_database_together_all_succeed(tmp_path: Path) -> None:
-    url = db_url(tmp_path / "h.db")
+def test_processes_opening_a_new_database_together_all_succeed(database_url: str) -> None:
+    url = database_url
     code = "import sys; from search.storage.store import Store; print(Store(sys.argv[1]).counts()['tiles'])"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [
@@ -72,8 +73,8 @@ def test_processes_opening_a_new_database_together_all_succeed(tmp_path: Path) -
     ]
 
 
-def test_second_open_runs_no_migration_and_keeps_data(tmp_path: Path, monkeypatch) -> None:
-    url = db_url(tmp_path / "h.db")
+def test_second_open_runs_no_migration_and_keeps_data(database_url: str, monkeypatch) -> None:
+    url = database_url
     first = Store(url)
     first.set_meta("model", "abc")
     first.close()
@@ -87,8 +88,8 @@ def test_second_open_runs_no_migration_and_keeps_data(tmp_path: Path, monkeypatc
     second.close()
 
 
-def test_database_newer_than_the_code_is_refused(tmp_path: Path) -> None:
-    url = db_url(tmp_path / "h.db")
+def test_database_newer_than_the_code_is_refused(database_url: str) -> None:
+    url = database_url
     Store(url).close()
     engine = create_engine(url)
     with engine.begin() as conn:
@@ -98,8 +99,10 @@ def test_database_newer_than_the_code_is_refused(tmp_path: Path) -> None:
         Store(url)
 
 
-def test_connections_use_wal_foreign_keys_and_busy_timeout(db: Store) -> None:
+def test_sqlite_connections_use_wal_foreign_keys_and_busy_timeout(tmp_path: Path) -> None:
+    db = Store(db_url(tmp_path / "h.db"))
     with db.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
+    db.close()

@@ -1,4 +1,4 @@
-"""Indexing real archives end to end with the tiny CONCH config and synthetic weights."""
+"""Indexing real archives end to end with the tiny CONCH config and synthetic weights, on SQLite and Postgres."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from sqlalchemy import create_engine, text
 
 from indexer.indexer import Indexer
 from search.conch.encoder import Encoder
@@ -35,6 +36,20 @@ from tests.archives import (
 )
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def tiny_settings(request, tiny_settings):
+    """The suite runs on both databases: the tiny-model settings, on SQLite and on a Postgres database."""
+    if request.param == "sqlite":
+        return tiny_settings
+    return tiny_settings.model_copy(update={"database_url": request.getfixturevalue("postgres").new_database()})
+
+
+@pytest.fixture
+def other_database(request, tiny_settings) -> str | None:
+    """A second, empty database of the same kind, for a second index to compare with (None: SQLite in data_dir)."""
+    return tiny_settings.database_url and request.getfixturevalue("postgres").new_database()
+
+
 @pytest.fixture
 def indexer(tiny_settings, tiny_encoder):
     return Indexer(tiny_settings, encoder=tiny_encoder)
@@ -46,9 +61,13 @@ def _tiles(store: Store) -> dict[str, dict]:
 
 
 def _slides(settings) -> dict[str, tuple]:
-    """slide_key -> (path, mpp, width, height), read from the database file as any SQLite client would."""
-    with sqlite3.connect(settings.db_path) as db:
-        rows = db.execute("SELECT slide_key, path, mpp, width, height FROM slides").fetchall()
+    """slide_key -> (path, mpp, width, height), read with plain SQL as any client of the database would."""
+    engine = create_engine(settings.db_url)
+    try:
+        with engine.connect() as db:
+            rows = db.execute(text("SELECT slide_key, path, mpp, width, height FROM slides")).all()
+    finally:
+        engine.dispose()
     return {key: tuple(rest) for key, *rest in rows}
 
 
@@ -295,11 +314,12 @@ def test_second_indexer_stops_with_a_clear_message(indexer, tiny_settings, tiny_
     assert Indexer(tiny_settings, encoder=tiny_encoder).run([tmp_path / "tiles"]).sources[0].new == 2
 
 
-def test_decode_workers_give_the_same_vectors(tiny_settings, tiny_encoder, tmp_path):
+def test_decode_workers_give_the_same_vectors(tiny_settings, tiny_encoder, other_database, tmp_path):
     make_tiles(tmp_path / "tiles", 6)
     inline = Indexer(tiny_settings, encoder=tiny_encoder)
     inline.run([tmp_path / "tiles"])
-    settings = load_settings(**{**tiny_settings.model_dump(), "workers": 2, "data_dir": tmp_path / "d2"})
+    overrides = {"workers": 2, "data_dir": tmp_path / "d2", "database_url": other_database}
+    settings = load_settings(**{**tiny_settings.model_dump(), **overrides})
     pooled = Indexer(settings, encoder=tiny_encoder)
     pooled.run([tmp_path / "tiles"])
     a = np.concatenate([v for _, v in inline.store.iter_embeddings(tiny_encoder.fingerprint)])
@@ -357,7 +377,7 @@ def test_kill_9_then_resume_loses_nothing_and_duplicates_nothing(tiny_model_args
 
 
 def test_jpeg_passthrough_decodes_on_the_encoder_device_with_the_same_vectors(
-    tiny_settings, tiny_encoder, tmp_path, monkeypatch
+    tiny_settings, tiny_encoder, other_database, tmp_path, monkeypatch
 ):
     """gpu_decode: baseline RGB JPEGs go undecoded to the encoder (nvJPEG on a GPU, torchvision here), which
     resizes those not at the model's size on its device; a JPEG the device decoder refuses is decoded with PIL
@@ -387,7 +407,8 @@ def test_jpeg_passthrough_decodes_on_the_encoder_device_with_the_same_vectors(
     monkeypatch.setattr(torchvision.io, "decode_jpeg", device_decoder)
     plain = Indexer(tiny_settings, encoder=tiny_encoder)
     plain.run([root])
-    settings = load_settings(**{**tiny_settings.model_dump(), "gpu_decode": True, "data_dir": tmp_path / "d2"})
+    overrides = {"gpu_decode": True, "data_dir": tmp_path / "d2", "database_url": other_database}
+    settings = load_settings(**{**tiny_settings.model_dump(), **overrides})
     passthrough = Indexer(settings, encoder=tiny_encoder)
     report = passthrough.run([root])
     assert refusals

@@ -1,4 +1,4 @@
-"""Index builds, jobs, file errors and meta on real SQLite."""
+"""Index builds, jobs, file errors and meta on real SQLite and Postgres."""
 
 from __future__ import annotations
 
@@ -6,10 +6,14 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
 from search.core.errors import NotFound
+from search.storage.locks import acquire_indexer_lock
 from search.storage.schema import Build, Job
 from search.storage.store import Store
 
@@ -38,7 +42,17 @@ def test_builds(db: Store) -> None:
         db.set_build_status(999, "failed")
 
 
-def test_jobs(db: Store) -> None:
+@contextmanager
+def running_here(db: Store, tmp_path: Path) -> Iterator[None]:
+    """This process as a live indexer: on Postgres a job is alive while its process holds the indexer lock."""
+    lock = acquire_indexer_lock(db.db_url, tmp_path / "indexer.lock")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def test_jobs(db: Store, tmp_path: Path) -> None:
     assert db.running_job() is None and db.last_job() is None
     job = db.start_job("index", {"paths": ["/archive/a"]}, total=10)
     running = db.running_job()
@@ -50,7 +64,8 @@ def test_jobs(db: Store) -> None:
     updated = db.running_job()
     assert (updated["done"], updated["errors"], updated["message"], updated["total"]) == (4, 1, "reading a", 10)
     assert updated["heartbeat_at"] > running["heartbeat_at"]
-    assert db.mark_stale_jobs_interrupted() == 0  # this process is alive
+    with running_here(db, tmp_path):
+        assert db.mark_stale_jobs_interrupted() == 0  # this process is alive
 
     db.finish_job(job, "done")
     assert db.running_job() is None
@@ -63,14 +78,15 @@ def test_jobs(db: Store) -> None:
         db.update_job(999, done=1)
 
 
-def test_jobs_of_dead_processes_are_marked_interrupted(db: Store) -> None:
+def test_jobs_of_dead_processes_are_marked_interrupted(db: Store, tmp_path: Path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     job = db.start_job("reindex", {})
     with db.session(write=True) as s:
         s.get(Job, job).pid = dead.pid
     mine = db.start_job("index", {})
-    assert db.mark_stale_jobs_interrupted() == 1
+    with running_here(db, tmp_path):
+        assert db.mark_stale_jobs_interrupted() == 1
     with db.session() as s:
         assert s.get(Job, job).status == "interrupted"
         assert s.get(Job, mine).status == "running"

@@ -19,6 +19,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from sqlalchemy import make_url
+from sqlalchemy.exc import ArgumentError
 
 from search.core.errors import ConfigError
 
@@ -44,6 +46,10 @@ class Settings(BaseSettings):
     data_dir: Path = DEFAULT_DATA_DIR
     # Downloaded weights and tokenizer.
     cache_dir: Path = DEFAULT_CACHE_DIR
+    # The database, as an SQLAlchemy URL: None is the embedded SQLite file in data_dir; a shared lab deployment
+    # names a Postgres server (postgresql+psycopg://user@host/db, the `postgres` extra). The FAISS builds stay
+    # in data_dir either way, so every machine that serves or indexes must see the same data_dir.
+    database_url: str | None = None
 
     # Model: a config name (search/conch/model_configs) or a JSON file.
     model: str = "conch_ViT-B-16"
@@ -139,6 +145,19 @@ class Settings(BaseSettings):
                 raise ValueError(f"{host!r}: give a host name without scheme, port or path ([::1] for IPv6)")
         return [host.lower() for host in v]
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            backend = make_url(v).get_backend_name()
+        except ArgumentError:
+            raise ValueError("not a database URL; e.g. postgresql+psycopg://user@host/histosearch") from None
+        if backend not in ("sqlite", "postgresql"):
+            raise ValueError(f"database {backend!r} is not supported; use sqlite:///FILE or postgresql+psycopg://...")
+        return v
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
@@ -174,7 +193,8 @@ class Settings(BaseSettings):
 
     @property
     def db_url(self) -> str:
-        return f"sqlite:///{self.db_path}"
+        """The database in use: ``database_url``, or the SQLite file in ``data_dir``."""
+        return self.database_url or f"sqlite:///{self.db_path}"
 
 
 def load_settings(**overrides: object) -> Settings:

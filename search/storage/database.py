@@ -1,5 +1,5 @@
-"""Opening the database: the SQLite engine (WAL, foreign keys, explicit BEGIN) and the Alembic
-migrations runner that brings a database to the newest schema."""
+"""Opening the database: the SQLite engine (WAL, foreign keys, explicit BEGIN) or a Postgres one, and the
+Alembic migrations runner that brings either to the newest schema with the same migration scripts."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
 
 from search.core.errors import ConfigError
 
@@ -79,6 +79,10 @@ def create_db_engine(
     ``histosearch_begin``): a transaction that reads and then writes takes the write lock up front
     instead of failing with SQLITE_BUSY when another process committed in between.
     """
+    if make_url(db_url).get_backend_name() == "postgresql":
+        # Postgres runs each transaction in READ COMMITTED and takes row locks as it writes; BEGIN needs no help.
+        # pre_ping replaces connections the server closed (restart, idle timeout) instead of failing a request.
+        return create_engine(db_url, pool_pre_ping=True)
     engine = create_engine(db_url)
     if engine.dialect.name != "sqlite":
         return engine

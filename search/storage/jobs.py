@@ -8,6 +8,8 @@ from typing import Any
 from sqlalchemy import delete, func, or_, select, update
 
 from search.core.errors import NotFound
+from search.storage.dialect import POSTGRES
+from search.storage.locks import postgres_holders
 from search.storage.repository import Repository, iso, utcnow
 from search.storage.schema import BUILD_STATUSES, JOB_STATUSES, Build, FileError, Job, MetaItem
 
@@ -196,10 +198,17 @@ class JobRepository(Repository):
     def mark_stale_jobs_interrupted(self) -> int:
         """Mark running jobs whose process is gone as interrupted; returns how many.
 
-        Liveness is checked by pid on this machine, so it is meant for a database on a local disk.
+        On SQLite (a local file) a job is alive while its pid is. On Postgres, shared by several machines, it
+        is alive while its process holds the indexer's advisory lock, which the server drops with the process's
+        connection (search.storage.locks): jobs run under that lock.
         """
         with self.session(write=True) as s:
-            stale = [job for job in s.scalars(select(Job).where(Job.status == "running")) if not _pid_alive(job.pid)]
+            if self.engine.dialect.name == POSTGRES:
+                holders = postgres_holders(s.connection())
+                alive = lambda pid: pid in holders  # noqa: E731
+            else:
+                alive = _pid_alive
+            stale = [job for job in s.scalars(select(Job).where(Job.status == "running")) if not alive(job.pid)]
             now = utcnow()
             for job in stale:
                 job.status = "interrupted"

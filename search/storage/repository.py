@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import Engine
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from search.storage.dialect import upsert
 from search.storage.schema import Embedding, TextEmbedding
 
-# SQLite allows 32766 bound parameters per statement; id lists are sent in chunks well below that.
+# SQLite allows 32766 bound parameters per statement, Postgres 65535; id lists are sent in chunks well below that.
 CHUNK = 10_000
 
 
@@ -71,11 +71,7 @@ class Repository:
         matrix = as_matrix(vectors, len(ids))
         if not ids:
             return
-        stmt = sqlite_insert(table)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[getattr(table, key)],
-            set_={"model_fingerprint": stmt.excluded.model_fingerprint, "vector": stmt.excluded.vector},
-        )
+        stmt = upsert(self.engine.dialect.name, table, key, ["model_fingerprint", "vector"])
         with self.session(write=True) as s:
             s.execute(
                 stmt,

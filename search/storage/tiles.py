@@ -7,10 +7,11 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
-from sqlalchemy import Select, String, cast, delete, func, insert, select, true, update
+from sqlalchemy import Select, delete, func, insert, select, true, update
 from sqlalchemy.orm import Session
 
 from search.core.errors import BadQuery, NotFound
+from search.storage.dialect import json_is_scalar, json_pairs, json_text
 from search.storage.repository import Repository, as_matrix, chunks, decode_vectors, iso, utcnow
 from search.storage.schema import Case, Embedding, Slide, Source, Tile
 
@@ -24,7 +25,6 @@ class TileState(NamedTuple):
     model_fingerprint: str | None
 
 
-_SCALAR_JSON_TYPES = ("text", "integer", "real", "true", "false")
 TILE_COLUMNS = frozenset(c.name for c in Tile.__table__.columns) - {"id"}
 
 
@@ -196,6 +196,7 @@ class TileRepository(Repository):
         ``source`` is a source uri or id, ``slide`` a slide_key, ``case`` a case_key; ``meta`` values
         are compared with the tile's JSON meta as text, so {"stain": "HE"} or {"year": "2020"}.
         """
+        dialect = self.engine.dialect.name
         stmt = select(Tile.id).order_by(Tile.id)
         if source is not None:
             if isinstance(source, int) or str(source).isdigit():
@@ -211,9 +212,8 @@ class TileRepository(Repository):
         for key, value in (meta or {}).items():
             if not isinstance(key, str) or not key:
                 raise BadQuery(f"meta filter key {key!r} is not a name; use meta.<column>=<value>")
-            # json_each decodes keys; a JSON path ('$."key"') misses keys with quotes or non-ASCII.
-            pairs = func.json_each(Tile.meta).table_valued("key", "value")
-            stmt = stmt.where(select(1).where(pairs.c.key == key, cast(pairs.c.value, String) == str(value)).exists())
+            pairs = json_pairs(dialect, Tile.meta)
+            stmt = stmt.where(select(1).where(pairs.c.key == key, json_text(dialect, pairs) == str(value)).exists())
         with self.session() as s:
             return np.fromiter(s.scalars(stmt), dtype=np.int64)
 
@@ -264,7 +264,7 @@ class TileRepository(Repository):
         most tiles. The meta part reads every tile, so callers should cache it.
         """
         with self.session() as s:
-            keys = list(s.scalars(self._meta_keys().limit(max_keys)))
+            keys = list(s.scalars(self._meta_keys(self.engine.dialect.name).limit(max_keys)))
             return {
                 "sources": self._facet(s, "source", "", limit),
                 "cases": self._facet(s, "case", "", limit),
@@ -284,13 +284,13 @@ class TileRepository(Repository):
             return self._facet(s, field, prefix, limit)
 
     @staticmethod
-    def _meta_keys() -> Select[Any]:
-        je = func.json_each(Tile.meta).table_valued("key", "type")
+    def _meta_keys(dialect: str) -> Select[Any]:
+        je = json_pairs(dialect, Tile.meta)
         return (
             select(je.c.key)
             .select_from(Tile)
             .join(je, true())
-            .where(je.c.type.in_(_SCALAR_JSON_TYPES))
+            .where(json_is_scalar(dialect, je))
             .group_by(je.c.key)
             .order_by(func.count().desc(), je.c.key)
         )
@@ -310,18 +310,19 @@ class TileRepository(Repository):
             stmt = stmt.group_by(value)
             needle = value
         else:
-            je = func.json_each(Tile.meta).table_valued("key", "value", "type")
-            value = cast(je.c.value, String)
+            dialect = s.get_bind().dialect.name
+            je = json_pairs(dialect, Tile.meta)
+            value = json_text(dialect, je)
             stmt = (
                 select(value, value, count)
                 .select_from(Tile)
                 .join(je, true())
-                .where(je.c.key == field[5:], je.c.type.in_(_SCALAR_JSON_TYPES))
+                .where(je.c.key == field[5:], json_is_scalar(dialect, je))
                 .group_by(value)
             )
             needle = value
         if prefix:
-            stmt = stmt.where(func.instr(func.lower(needle), prefix.lower()) > 0)
+            stmt = stmt.where(func.lower(needle).contains(prefix.lower(), autoescape=True))
         distinct = s.scalar(select(func.count()).select_from(stmt.subquery())) or 0
         rows = s.execute(stmt.order_by(count.desc(), needle).limit(limit))
         values = []
