@@ -23,6 +23,7 @@ from indexer.batches import BatchEncoder, Encoded
 from indexer.lock import acquire as acquire_lock
 from indexer.manifest import Manifest, identity
 from indexer.pipeline import Decoded, DecodePool, Failed, default_workers
+from indexer.ray_embed import EmbeddedBatches, RayEmbedPool
 from indexer.slides import SlideReport, sync_slide_vectors
 from indexer.texts import BUILTIN_CORPUS, TextItem, builtin_vocabulary, load_corpus
 from search.archives.readers import Reader, Skipped, TileEntry, open_reader
@@ -146,7 +147,7 @@ class Indexer:
         self.progress = progress
         self.directory = IndexDirectory(settings.data_dir / "index")
         self._dirty = False
-        self._pool: DecodePool | None = None
+        self._pool: DecodePool | RayEmbedPool | None = None
         self._report = RunReport(0)
         # What build_index found wrong with the live index on disk, when it rebuilt it for that.
         self.damage: str | None = None
@@ -372,7 +373,11 @@ class Indexer:
             self._save_counts(report)
 
         fingerprint = encoder.fingerprint
-        batches: BatchEncoder[tuple[_Work, Decoded]] = BatchEncoder(encoder, self.settings.max_image_pixels)
+        batches: BatchEncoder[tuple[_Work, Decoded]] | EmbeddedBatches[tuple[_Work, Decoded]]
+        if self.settings.ray_address is not None:  # the tiles come embedded, from Ray actors
+            batches = EmbeddedBatches(encoder.batch_size)
+        else:
+            batches = BatchEncoder(encoder, self.settings.max_image_pixels)
         try:
             for result in self._decode_pool().decode(reader, [w.entry.locator for w in work]):
                 w = by_locator[result.locator]
@@ -403,9 +408,12 @@ class Indexer:
         self.store.update_fingerprints(moved)
         bar.close()
 
-    def _decode_pool(self) -> DecodePool:
+    def _decode_pool(self) -> DecodePool | RayEmbedPool:
         """One pool of decode workers for the whole run (starting workers costs seconds), sized by the
-        ``workers`` setting or, when unset, one per usable CPU but one for a GPU encoder and none for a CPU one."""
+        ``workers`` setting or, when unset, one per usable CPU but one for a GPU encoder and none for a CPU one; with
+        ``ray_address``, actors on a Ray cluster that decode and embed."""
+        if self._pool is None and self.settings.ray_address is not None:
+            self._pool = RayEmbedPool(self.settings, self.encoder.fingerprint)
         if self._pool is None:
             workers = self.settings.workers
             if workers is None:

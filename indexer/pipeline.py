@@ -69,6 +69,7 @@ class Decoded:
     jpeg: bytes | None = None
     # Between a worker and DecodePool.decode only: the row of the chunk's shared block holding the pixels.
     shared_row: int | None = None
+    vector: np.ndarray | None = None  # already embedded, by a Ray actor (indexer/ray_embed.py)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
 # CPU-only machines get everything they need; for GPU FAISS see README ("GPU").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install --quiet --disable-pip-version-check -e ".[cpu,test,postgres]"
+python3 -m pip install --quiet --disable-pip-version-check -e ".[cpu,test,postgres,ray]"
 apt_install() {
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     if [ -z "${APT_UPDATED:-}" ]; then apt-get update -qq; APT_UPDATED=1; fi

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from search.engine.filters import Filters
 
 
-def _setting_option(parser: argparse._ActionsContainer, field: str, *flags: str, help: str) -> None:
+def _setting_option(parser: argparse._ActionsContainer, field: str, *flags: str, help: str, **extra: object) -> None:
     """An option that overrides the setting ``field``: its type (or choices) comes from the Settings model."""
     annotation = Settings.model_fields[field].annotation
     members = [annotation]
@@ -48,6 +48,7 @@ def _setting_option(parser: argparse._ActionsContainer, field: str, *flags: str,
     else:
         raise TypeError(f"setting {field}: no command line option for a {annotation!r} value")
     env = f"HISTOSEARCH_{field.upper()}"
+    kwargs.update(extra)
     parser.add_argument(*(flags or (f"--{field.replace('_', '-')}",)), dest=field, help=f"{help}; env {env}", **kwargs)
 
 
@@ -455,6 +456,9 @@ def _index_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _setting_option(parser, "workers", help="decode worker processes (0: decode in the main process)")
     _setting_option(parser, "index_type", help="FAISS index type (default auto)")
+    _setting_option(parser, "ray_address", "--ray", nargs="?", const="auto", metavar="ADDRESS",
+                    help="embed on a Ray cluster: its address, or none for the one this machine joined")  # fmt: skip
+    _setting_option(parser, "ray_actors", help="embedding actors on the Ray cluster (default: one per GPU)")
     _model_options(parser)
 
 

@@ -133,6 +133,8 @@ SETTING_FLAGS = {
     "gpu_decode": (["index", "p", "--gpu-decode"], True),
     "workers": (["reindex", "--workers", "3"], 3),
     "index_type": (["remove", "p", "--index-type", "hnsw"], "hnsw"),
+    "ray_address": (["index", "p", "--ray", "head:6379"], "head:6379"),
+    "ray_actors": (["reindex", "--ray-actors", "4"], 4),
 }
 
 
@@ -246,3 +248,14 @@ def test_a_refused_second_indexer_stops_before_importing_torch(tmp_path):
     )
     assert done.stdout.split() == ["2", "False"], done.stderr
     assert "another indexer is running" in done.stderr
+
+
+def test_a_bare_ray_option_means_the_cluster_this_machine_joined():
+    assert build_parser().parse_args(["index", "p", "--ray"]).ray_address == "auto"
+    assert build_parser().parse_args(["index", "p"]).ray_address is None
+
+
+def test_a_database_url_that_is_not_sqlite_or_postgres_is_refused(monkeypatch, capsys):
+    monkeypatch.setenv("HISTOSEARCH_DATABASE_URL", "mysql://db/histosearch")
+    assert main(["status"]) == 2
+    assert "database_url" in capsys.readouterr().err

@@ -19,8 +19,6 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
-from sqlalchemy import make_url
-from sqlalchemy.exc import ArgumentError
 
 from search.core.errors import ConfigError
 
@@ -78,6 +76,11 @@ class Settings(BaseSettings):
     # Decode worker processes; None: one per CPU this process may use, less one, when the model runs on a GPU;
     # none on a CPU, where encoding takes ~100x longer than decoding and workers would only take cores from it.
     workers: int | None = Field(None, ge=0, le=256)
+    # Embed on a Ray cluster (the `ray` extra, indexer/ray_embed.py): its address ("auto": the cluster this machine
+    # joined with `ray start`; "host:6379" or "ray://host:10001"), or None to embed in this process.
+    ray_address: str | None = None
+    # Embedding actors on the cluster, each loading the model once; None: one per GPU of the cluster, else one.
+    ray_actors: int | None = Field(None, ge=1, le=4096)
     index_type: Literal["auto", "flat", "ivf", "ivfpq", "hnsw"] = "auto"
     exact_max: int = Field(200_000, ge=1)
     max_image_pixels: int = Field(100_000_000, ge=1)
@@ -150,10 +153,11 @@ class Settings(BaseSettings):
     def _database_url(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        try:
-            backend = make_url(v).get_backend_name()
-        except ArgumentError:
-            raise ValueError("not a database URL; e.g. postgresql+psycopg://user@host/histosearch") from None
+        # Only the scheme is read here (SQLAlchemy parses the rest when the store opens): settings load before it.
+        scheme, sep, _ = v.partition("://")
+        if not sep or not scheme:
+            raise ValueError("not a database URL; e.g. postgresql+psycopg://user@host/histosearch")
+        backend = scheme.split("+")[0]
         if backend not in ("sqlite", "postgresql"):
             raise ValueError(f"database {backend!r} is not supported; use sqlite:///FILE or postgresql+psycopg://...")
         return v
