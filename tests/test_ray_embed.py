@@ -1,14 +1,18 @@
 """`index --ray`: tiles embedded by Ray Data actors on a local Ray instance (CPU, the tiny model) give the same
-store and index as a plain run, and a driver killed mid-run resumes to the same result."""
+store and index as a plain run, also when a worker dies mid-run, and a driver killed mid-run resumes to the same
+result."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import indexer.indexer
 from indexer.indexer import Indexer
+from search.archives.readers.folder import FolderReader
 from search.core.settings import load_settings
 from search.storage.store import Store
 from tests.archives import TILE_FORMATS, image_bytes, make_image
@@ -104,3 +108,36 @@ def test_a_killed_ray_driver_resumes_to_the_same_result(local_ray, tiny_settings
     assert report.new == 20 - committed and report.unchanged == committed
     _assert_same_index(plain, resumed, tiny_encoder.fingerprint)
     assert [j["status"] for j in (resumed.store.last_job(),)] == ["done"]
+
+
+class CrashOnceReader(FolderReader):
+    """A folder reader whose process dies, as a lost worker's does, the first time any copy of it reads a tile (a
+    marker file remembers it across the actors' processes). Ray pickles it to the actors by this module's name."""
+
+    marker: Path
+
+    def read(self, locator: str):
+        if not self.marker.exists():
+            self.marker.touch()
+            os._exit(1)
+        return super().read(locator)
+
+
+def test_a_lost_worker_costs_only_its_batches(local_ray, tiny_settings, tiny_encoder, archive, tmp_path, monkeypatch):
+    plain = Indexer(tiny_settings, encoder=tiny_encoder)
+    plain.run([archive])
+    marker = tmp_path / "crashed"
+    real_open = indexer.indexer.open_reader
+
+    def open_crashing(path, settings):
+        reader = real_open(path, settings)
+        reader.__class__ = CrashOnceReader
+        reader.marker = marker
+        return reader
+
+    monkeypatch.setattr(indexer.indexer, "open_reader", open_crashing)
+    distributed = _ray_indexer(tiny_settings, tiny_encoder, tmp_path / "ray")
+    report = distributed.run([archive]).sources[0]
+    assert marker.exists()  # a worker died mid-run; Ray restarted its actor and ran its batch again
+    assert (report.new, report.errors) == (20, 1)
+    _assert_same_index(plain, distributed, tiny_encoder.fingerprint)
