@@ -66,7 +66,9 @@ def check_database(path: Path) -> str | None:
 def run(settings: Settings, repair: bool = False) -> Report:
     """Every check in order; with ``repair``, rebuild the index and remove orphans where needed."""
     report = Report()
-    problem = check_database(settings.db_path)
+    # The file check is SQLite's; a Postgres server checks its own pages, and opening the store below reaches it.
+    postgres = settings.database_url is not None and not settings.database_url.startswith("sqlite")
+    problem = None if postgres else check_database(settings.db_path)
     report.findings.append(Finding("database", problem))
     if problem is not None:
         return report  # nothing else can be trusted, or rebuilt, from a damaged database

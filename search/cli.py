@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from search.core.errors import BadInput, HistosearchError
+from search.core.errors import BadInput, ConfigError, HistosearchError
 from search.core.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -251,6 +251,8 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
     from search.storage.database import backup
 
+    if settings.database_url is not None and not settings.database_url.startswith("sqlite"):
+        raise ConfigError("backup copies an SQLite database; this one is on a Postgres server: back it up with pg_dump")
     size = backup(settings.db_path, args.path)
     print(
         f"backed up {settings.db_path} to {args.path} ({size} bytes); the FAISS index is not copied: "

@@ -259,3 +259,9 @@ def test_a_database_url_that_is_not_sqlite_or_postgres_is_refused(monkeypatch, c
     monkeypatch.setenv("HISTOSEARCH_DATABASE_URL", "mysql://db/histosearch")
     assert main(["status"]) == 2
     assert "database_url" in capsys.readouterr().err
+
+
+def test_backup_of_a_postgres_database_points_to_pg_dump(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("HISTOSEARCH_DATABASE_URL", "postgresql+psycopg://histosearch@127.0.0.1:1/histosearch")
+    assert main(["--data-dir", str(tmp_path), "backup", str(tmp_path / "copy.db")]) == 2
+    assert "pg_dump" in capsys.readouterr().err and not (tmp_path / "copy.db").exists()
