@@ -1,6 +1,8 @@
-"""Sources, cases and slides on real SQLite."""
+"""Sources, cases, slides and slide vectors on real SQLite and Postgres."""
 
 from __future__ import annotations
+
+import numpy as np
 
 from search.storage.schema import Case, Slide
 from search.storage.store import Store
@@ -37,3 +39,14 @@ def test_sources_cases_and_slides(db: Store) -> None:
         stored = s.get(Slide, slide)
         assert (stored.path, stored.mpp, stored.width, stored.meta) == ("moved/S1.svs", 0.5, None, {"stain": "HE"})
         assert s.get(Case, case).meta == {"site": "colon"}
+
+
+def test_a_slide_vector_is_replaced_in_place_on_both_databases(db: Store, src: int) -> None:
+    slide = db.upsert_slide("S1", src, None, "slides/S1")
+    for digest, value in (("d1", 1.0), ("d2", 2.0)):
+        vector = np.full(4, value, np.float32)
+        kwargs = {"model_fingerprint": "m1", "method": "mean", "tiles_digest": digest, "n_tiles": 3}
+        db.set_slide_vector(slide, "mean", vector, **kwargs)
+    assert db.slide_vector_digests("mean") == {slide: ("d2", "m1", "mean")}
+    ids, vectors = db.slide_vectors("mean")
+    assert ids.tolist() == [slide] and vectors.tolist() == [[2.0] * 4]

@@ -21,10 +21,14 @@ _SCALAR_TYPES = {
 }
 
 
+def insert(dialect: str, table: Any) -> Insert:
+    """The database's own INSERT construct, which has ``on_conflict_do_update`` (the same API on both)."""
+    return (postgresql.insert if dialect == POSTGRES else sqlite.insert)(table)
+
+
 def upsert(dialect: str, table: Any, key: str, update: list[str]) -> Insert:
     """INSERT ... ON CONFLICT (key) DO UPDATE SET the ``update`` columns, in the database's own syntax."""
-    insert = postgresql.insert if dialect == POSTGRES else sqlite.insert
-    stmt = insert(table)
+    stmt = insert(dialect, table)
     return stmt.on_conflict_do_update(
         index_elements=[getattr(table, key)], set_={name: getattr(stmt.excluded, name) for name in update}
     )

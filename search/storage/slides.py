@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import delete, func, or_, select
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from search.core.errors import NotFound
+from search.storage import dialect
 from search.storage.index_directory import IndexDirectory
 from search.storage.repository import Repository, chunks, decode_vectors, iso, utcnow
 from search.storage.schema import Case, Slide, SlideVector, Source, Tile
@@ -118,7 +118,7 @@ class SlideRepository(Repository):
             "attention": None if attention is None else np.asarray(attention[1], "<f4").tobytes(),
             "created_at": utcnow(),
         }
-        stmt = sqlite_insert(SlideVector).values(row)
+        stmt = dialect.insert(self.engine.dialect.name, SlideVector).values(row)
         stmt = stmt.on_conflict_do_update(index_elements=["slide_id", "kind"], set_=row)
         with self.session(write=True) as s:
             s.execute(stmt)
