@@ -216,7 +216,7 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_reindex(args: argparse.Namespace, settings: Settings) -> int:
     with _indexer(settings, args) as indexer:
-        report = indexer.run(args.paths or None, kind="reindex", wait=args.wait)
+        report = indexer.run(args.paths or None, kind="reindex", wait=args.wait, retrain=args.retrain)
     print(report.summary() or "nothing indexed yet: run `histosearch index PATH` first")
     return 0
 
@@ -491,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     reindex = sub.add_parser("reindex", help="bring the index in step with its archives (all sources by default)")
     reindex.add_argument("paths", type=Path, nargs="*", help="only these sources")
+    reindex.add_argument(
+        "--retrain", action="store_true", help="train the index quantiser again instead of adding to the live one"
+    )
     _index_options(reindex)
     reindex.set_defaults(func=cmd_reindex)
 
