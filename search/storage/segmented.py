@@ -196,7 +196,8 @@ class SegmentedIndex:
             return part.search(queries, k, allowed)
         live = part.ntotal - len(deleted)
         want = min(k, live)
-        fetch = min(part.ntotal, k + len(deleted))
+        # Enough to hold k live ids at the part's share of deleted ones, with room to spare; deeper if not.
+        fetch = min(part.ntotal, math.ceil(1.5 * k * part.ntotal / max(1, live)) + 16)
         while fetch <= _MAX_FETCH:
             scores, ids = part.search(queries, fetch)
             gone = np.isin(ids, deleted)
