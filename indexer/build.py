@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from search.core.errors import IndexUnavailable
 from search.core.settings import Settings
 from search.storage import segmented
 from search.storage.index_directory import IndexDirectory
@@ -100,7 +101,10 @@ def publish(
     dim = store.get_embeddings(store_ids[:1].tolist(), fingerprint).shape[1]
     kind = segmented.choose_kind(len(store_ids), settings.index_type, settings.exact_max, settings.compress_above)
     live = None
-    live_id = directory.live_build_id()
+    try:
+        live_id = directory.live_build_id()
+    except IndexUnavailable:
+        live_id = None  # a damaged pointer: a full build repairs it
     if live_row and live_id == live_row["id"] and live_row["model_fingerprint"] == fingerprint:
         live = segmented.Built.read(directory.build_dir(live_id))
     todo = plan(store_ids, live, kind, fingerprint, dim, settings, retrain)

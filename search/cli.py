@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import sys
 import types
 import typing
@@ -251,8 +252,15 @@ def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
     from search.storage.database import backup
 
     size = backup(settings.db_path, args.path)
+    # The vector segment files after the database copy: they are only appended to, so every row the
+    # copy names is in them (rows past its counts are cut off by the next append).
+    vectors = Path(args.path).with_name(Path(args.path).name + ".vectors")
+    source = settings.data_dir / "vectors"
+    if source.is_dir():
+        shutil.copytree(source, vectors)
     print(
-        f"backed up {settings.db_path} to {args.path} ({size} bytes); the FAISS index is not copied: "
+        f"backed up {settings.db_path} to {args.path} ({size} bytes) and its vector files to {vectors}; restore "
+        "them as histosearch.db and vectors/ of a data dir. The FAISS index is not copied: "
         "`histosearch doctor --repair` rebuilds it from the stored vectors"
     )
     return 0
