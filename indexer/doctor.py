@@ -18,8 +18,8 @@ from search.core.errors import HistosearchError, IndexUnavailable
 from search.core.settings import Settings
 from search.storage.database import RESTORE, check_database_file
 from search.storage.index_directory import POINTER_NAME, IndexDirectory
+from search.storage.segmented import SegmentedIndex
 from search.storage.store import Store
-from search.storage.vectors import VectorIndex
 
 
 @dataclass
@@ -121,11 +121,11 @@ def _count_problem(store: Store, directory: IndexDirectory, live: dict, settings
     if stored != live["count"]:
         return f"the live build holds {live['count']} vectors, the database {stored} of its model"
     try:
-        index = VectorIndex.load(directory.build_path(live["id"]), "cpu")
+        index = SegmentedIndex.load(directory.build_dir(live["id"]), "cpu")
     except IndexUnavailable as exc:
         return exc.message
     if index.ntotal != live["count"]:
-        return f"the index file holds {index.ntotal} vectors, its build record {live['count']}"
+        return f"the index holds {index.ntotal} vectors, its build record {live['count']}"
     return None
 
 
@@ -137,7 +137,7 @@ def _last_build(store: Store) -> dict | None:
 def _orphans(store: Store, directory: IndexDirectory) -> list[Path]:
     """Build folders no build record names, and pointer temp files a killed publish left."""
     known = {b["id"] for b in store.builds()}
-    found = [directory.build_path(b).parent for b in directory.build_ids() if b not in known]
+    found = [directory.build_dir(b) for b in directory.build_ids() if b not in known]
     if directory.root.is_dir():
         found += sorted(directory.root.glob(f"{POINTER_NAME}.tmp-*"))
     return found

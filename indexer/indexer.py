@@ -4,8 +4,9 @@ For each source the reader's listing is compared with what the store holds: new 
 tiles whose cheap fingerprint moved are re-read and re-embedded only if their content hash changed,
 tiles embedded by another model are re-embedded, and tiles no longer listed leave the store. Every
 batch commits its tiles and their vectors in one transaction, so a run killed at any moment (kill -9
-included) resumes where it stopped: no tile lost, none twice. The FAISS index is rebuilt from the
-stored embeddings beside the live one and published by an atomic pointer swap.
+included) resumes where it stopped: no tile lost, none twice. The FAISS index is then brought in step
+with the stored embeddings (new tiles added, removed ones deleted: indexer/build.py) in a new build
+beside the live one, published by an atomic pointer swap.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from indexer.batches import BatchEncoder, Encoded
+from indexer.build import publish
 from indexer.lock import acquire as acquire_lock
 from indexer.manifest import Manifest, identity
 from indexer.pipeline import Decoded, DecodePool, Failed, default_workers
@@ -33,8 +34,8 @@ from search.core.settings import Settings
 from search.storage.database import describe_error
 from search.storage.index_directory import IndexDirectory
 from search.storage.locks import IndexerLock
+from search.storage.segmented import choose_kind
 from search.storage.store import Store, TileState
-from search.storage.vectors import VectorIndex, choose_index_type
 
 DIRTY_KEY = "index_dirty"
 MOVED_CHUNK = 4096
@@ -166,11 +167,19 @@ class Indexer:
         return acquire_lock(self.settings, wait)
 
     def run(
-        self, paths: list[Path] | None = None, *, manifest: Path | None = None, kind: str = "index", wait: bool = False
+        self,
+        paths: list[Path] | None = None,
+        *,
+        manifest: Path | None = None,
+        kind: str = "index",
+        wait: bool = False,
+        retrain: bool = False,
     ) -> RunReport:
-        """Bring the given sources (all known ones when None) up to date, then publish a fresh index."""
+        """Bring the given sources (all known ones when None) up to date, then publish the index
+        (``retrain``: train its quantiser again instead of adding to it)."""
         lock = self.lock(wait)
         try:
+            self.store.remove_unreferenced_segments()
             if paths is None:
                 paths = [Path(s["uri"]) for s in self.store.sources()]
             args = {"paths": [str(p) for p in paths], "manifest": str(manifest) if manifest else None}
@@ -190,7 +199,7 @@ class Indexer:
                     # Nothing to search came of any input: an error, not a quiet success.
                     raise BadInput("; ".join(s.line() for s in report.sources))
                 report.texts_embedded = self._sync_texts(fingerprint)
-                report.build = self.build_index(force=changed)
+                report.build = self.build_index(force=changed, retrain=retrain)
                 report.damage = self.damage
                 report.slides = sync_slide_vectors(self.store, self.settings, fingerprint)
                 job.message = report.summary()
@@ -490,17 +499,19 @@ class Indexer:
             self.store.set_meta(DIRTY_KEY, "1")
             self._dirty = True
 
-    def build_index(self, force: bool = False, fingerprint: str | None = None) -> dict | None:
-        """Build a FAISS index from the stored embeddings beside the live one and publish it atomically.
-        ``fingerprint``: the model whose vectors to index (default: the configured model, which loads it)."""
+    def build_index(self, force: bool = False, fingerprint: str | None = None, retrain: bool = False) -> dict | None:
+        """Publish an index of the stored embeddings beside the live one, incrementally where it can be
+        (indexer/build.py; ``retrain``: train the quantiser again). ``fingerprint``: the model whose vectors
+        to index (default: the configured model, which loads it)."""
         fingerprint = fingerprint or self.encoder.fingerprint
         count = self.store.counts()["embedded_by_model"].get(fingerprint, 0)
         live = self.store.live_build()
-        requested = choose_index_type(count, self.settings.index_type, self.settings.exact_max)
+        requested = choose_kind(count, self.settings.index_type, self.settings.exact_max, self.settings.compress_above)
         # Counts and types say whether the index is current; only the file itself says whether it is sound.
         self.damage = self.directory.problem(live)
         if (
             not force
+            and not retrain
             and self.damage is None
             and self.store.get_meta(DIRTY_KEY) != "1"
             and live
@@ -509,26 +520,13 @@ class Indexer:
             and live["index_type"] == requested
         ):
             return live
-        ids, vectors = _concat(self.store.iter_embeddings(fingerprint))
-        if len(ids) == 0:
-            if live:
-                self.directory.unpublish()
-                self.store.set_build_status(live["id"], "retired")
-            self.store.set_meta(DIRTY_KEY, "0")
-            self._dirty = False
-            return None
-        index = VectorIndex.build(
-            ids, vectors, self.settings.index_type, exact_max=self.settings.exact_max, device=self.settings.device
+        # A damaged live build is nothing to add to: build afresh.
+        build = publish(
+            self.store, self.directory, fingerprint, self.settings, retrain=retrain or self.damage is not None
         )
-        build_id = self.store.add_build(fingerprint, index.index_type, index.ntotal, "", index.device)
-        path = self.directory.build_path(build_id)
-        index.save(path)
-        self.store.set_build_checksum(build_id, self.directory.checksum(build_id))
-        self.directory.publish(build_id)
-        self.store.set_build_status(build_id, "live")
         self.store.set_meta(DIRTY_KEY, "0")
         self._dirty = False
-        return self.store.live_build()
+        return build
 
 
 class _Identities:
@@ -590,10 +588,3 @@ def _reason(exc: Exception, db_path: Path) -> str:
     if isinstance(exc, OSError):
         return f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
     return describe_error(exc, db_path) or str(exc)
-
-
-def _concat(chunks: Iterator[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    parts = list(chunks)
-    if not parts:
-        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import sys
 import types
 import typing
@@ -217,7 +218,7 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_reindex(args: argparse.Namespace, settings: Settings) -> int:
     with _indexer(settings, args) as indexer:
-        report = indexer.run(args.paths or None, kind="reindex", wait=args.wait)
+        report = indexer.run(args.paths or None, kind="reindex", wait=args.wait, retrain=args.retrain)
     print(report.summary() or "nothing indexed yet: run `histosearch index PATH` first")
     return 0
 
@@ -254,8 +255,15 @@ def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
     if settings.database_url is not None and not settings.database_url.startswith("sqlite"):
         raise ConfigError("backup copies an SQLite database; this one is on a Postgres server: back it up with pg_dump")
     size = backup(settings.db_path, args.path)
+    # The vector segment files after the database copy: they are only appended to, so every row the
+    # copy names is in them (rows past its counts are cut off by the next append).
+    vectors = Path(args.path).with_name(Path(args.path).name + ".vectors")
+    source = settings.data_dir / "vectors"
+    if source.is_dir():
+        shutil.copytree(source, vectors)
     print(
-        f"backed up {settings.db_path} to {args.path} ({size} bytes); the FAISS index is not copied: "
+        f"backed up {settings.db_path} to {args.path} ({size} bytes) and its vector files to {vectors}; restore "
+        "them as histosearch.db and vectors/ of a data dir. The FAISS index is not copied: "
         "`histosearch doctor --repair` rebuilds it from the stored vectors"
     )
     return 0
@@ -497,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     reindex = sub.add_parser("reindex", help="bring the index in step with its archives (all sources by default)")
     reindex.add_argument("paths", type=Path, nargs="*", help="only these sources")
+    reindex.add_argument(
+        "--retrain", action="store_true", help="train the index quantiser again instead of adding to the live one"
+    )
     _index_options(reindex)
     reindex.set_defaults(func=cmd_reindex)
 

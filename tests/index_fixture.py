@@ -119,6 +119,8 @@ def build_index(settings: Settings, encoder: Encoder, folder: Path) -> IndexedAr
             }
         )
     ids = store.add_tiles(rows, vectors, encoder.fingerprint)
+    # What the store keeps (float16): the vectors every stored-vector path sees.
+    vectors = store.get_embeddings(ids, encoder.fingerprint)
     for corpus, texts in (("captions", CAPTIONS), ("terms", TERMS)):
         store.add_texts(corpus, [(t, {}) for t in texts], encoder.encode_texts(texts), encoder.fingerprint)
 

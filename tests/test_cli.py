@@ -61,6 +61,8 @@ def test_index_status_query_and_reindex(cli, tmp_path, capsys):
     assert cli("status", "--json") == 0
     status = json.loads(capsys.readouterr().out)
     assert status["counts"]["tiles"] == 5 and status["index"]["size"] == 5
+    assert cli("reindex", "--retrain", "--quiet", "--workers", "0") == 0
+    assert "index: build 3, flat, 5 vectors" in capsys.readouterr().out  # nothing changed, yet a new build
 
     assert cli("remove", str(tmp_path / "tiles")) == 0
     assert "removed with its 5 tiles" in capsys.readouterr().out

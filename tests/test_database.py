@@ -23,6 +23,7 @@ from tests.store_fixture import db_url
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = {
     "eval_runs",
+    "vector_segments",
     "sources",
     "cases",
     "slides",

@@ -15,6 +15,7 @@ from search.cli import main
 from search.core.errors import ConfigError, IndexUnavailable
 from search.engine.engine import Engine
 from search.storage.index_directory import IndexDirectory
+from search.storage.segmented import SegmentedIndex
 from search.storage.store import Store
 from tests.archives import make_tiles
 
@@ -42,7 +43,9 @@ def indexed(tiny_settings, tiny_encoder, tmp_path):
 
 def _live_file(settings) -> os.PathLike:
     directory = IndexDirectory(settings.data_dir / "index")
-    return directory.build_path(directory.live_build_id())
+    # A build of index segments: its first part, the file holding the vectors.
+    build_id = directory.live_build_id()
+    return directory.build_dir(build_id) / SegmentedIndex.load(directory.build_dir(build_id)).manifest.parts[0]
 
 
 def _damage(settings, how: str) -> None:
@@ -164,6 +167,7 @@ def test_backup_is_a_consistent_copy_taken_while_a_writer_holds_a_transaction(cl
     restored = tiny_settings.data_dir.parent / "restored"
     restored.mkdir()
     target.rename(restored / "histosearch.db")
+    target.with_name("backup.db.vectors").rename(restored / "vectors")
     assert main(["--data-dir", str(restored), "doctor", "--repair"]) == 0
     assert "rebuilt from the 6 stored vectors" in capsys.readouterr().out
 

@@ -54,7 +54,7 @@ def test_slide_vectors_equal_the_stated_aggregations(settings, synthetic):
         for slide_id, vector in zip(ids, vectors, strict=True):
             key = next(k for k, v in synthetic.slide_ids.items() if v == slide_id)
             tiles = np.stack([synthetic.vectors[t] for t in synthetic.tiles[key]])
-            assert np.allclose(vector, aggregate(tiles), atol=1e-6)
+            assert np.allclose(vector, aggregate(tiles), atol=1e-3)  # tile vectors are stored as float16
     kinds = synthetic.store.slide_vector_kinds()
     assert kinds["mean"]["model_fingerprint"] == FINGERPRINT and kinds["medoid"]["method"] == "medoid(fraction=0.5)"
 
@@ -75,7 +75,7 @@ def test_reindex_updates_only_changed_slides_and_drops_emptied_ones(settings, sy
     assert report.updated == {"mean": 1, "medoid": 1}
     after = dict(zip(*store.slide_vectors("mean"), strict=True))
     tiles = np.stack([synthetic.vectors[t] for t in synthetic.tiles["A-1"]] + [new_vector[0]])
-    assert np.allclose(after[synthetic.slide_ids["A-1"]], mean_vector(tiles), atol=1e-6)
+    assert np.allclose(after[synthetic.slide_ids["A-1"]], mean_vector(tiles), atol=1e-3)  # float16 storage
     assert all(np.array_equal(before[s], after[s]) for s in before if s != synthetic.slide_ids["A-1"])
     # a slide whose tiles all left has no vector any more
     store.delete_tiles(synthetic.tiles["D-1"])
@@ -125,7 +125,9 @@ def test_heatmap_values_are_the_per_tile_scores_and_the_png_is_the_grid(search, 
     by_tile = {c["tile_id"]: c for c in heatmap["cells"]}
     assert sorted(by_tile) == sorted(synthetic.tiles["A-1"])
     for n, tile_id in enumerate(synthetic.tiles["A-1"]):
-        assert by_tile[tile_id]["score"] == pytest.approx(float(synthetic.vectors[tile_id] @ q), abs=1e-5)
+        assert by_tile[tile_id]["score"] == pytest.approx(
+            float(synthetic.vectors[tile_id] @ q), abs=1e-3
+        )  # float16 storage
         assert (by_tile[tile_id]["row"], by_tile[tile_id]["col"]) == (n // 4, n % 4)
     png = Image.open(io.BytesIO(SlideSearch.heatmap_png(heatmap)))
     assert png.size == (4, 3) and png.mode == "RGBA"

@@ -44,12 +44,15 @@ def test_add_tiles_then_read_them_back(db: Store, src: int) -> None:
     assert list(db.iter_embeddings("other")) == []
 
 
-def test_vectors_are_stored_as_little_endian_float32(db: Store, src: int) -> None:
-    vectors = random_vectors(1).astype(">f8")  # any float input is stored as <f4
-    (tile_id,) = db.add_tiles([tile_row(src, "a")], vectors, "m1")
+def test_vectors_are_stored_as_little_endian_float16_rows_of_a_segment(db: Store, src: int) -> None:
+    vectors = random_vectors(3).astype(">f8")  # any float input is stored as <f2
+    db.add_tiles([tile_row(src, "a")], vectors[:1], "m1")
+    ids = db.add_tiles([tile_row(src, "b"), tile_row(src, "c")], vectors[1:], "m1")
     with db.session() as s:
-        blob = s.get(Embedding, tile_id).vector
-    np.testing.assert_array_equal(np.frombuffer(blob, dtype="<f4"), vectors[0].astype(np.float32))
+        row = s.get(Embedding, ids[1])
+    assert row.vector is None and row.position == 2
+    data = np.fromfile(db.segments.path(row.segment_id), dtype="<f2").reshape(-1, vectors.shape[1])
+    np.testing.assert_array_equal(data.astype(np.float32), vectors.astype(np.float32))
 
 
 def test_add_tiles_is_atomic(db: Store, src: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 from PIL import Image
 
 from search.conch.config import get_model_cfg
@@ -19,6 +20,7 @@ from search.conch.encoder import Encoder, resolve_device
 from search.core.errors import BadQuery, ConfigError, HistosearchError
 from search.core.settings import Settings
 from search.storage.index_directory import IndexDirectory
+from search.storage.segmented import SegmentedIndex
 from search.storage.store import Store
 from search.storage.vectors import LiveIndex
 
@@ -41,7 +43,14 @@ class Engine:
         self._owns_store = store is None
         self.store = store if store is not None else Store(settings.db_url)
         self.index_directory = IndexDirectory(settings.data_dir / "index")
-        self.live_index = LiveIndex(self.index_directory, settings.device, checksums=self.store.build_checksum)
+        self.live_index = LiveIndex(
+            self.index_directory,
+            settings.device,
+            checksums=self.store.build_checksum,
+            load=lambda build_id: SegmentedIndex.load(
+                self.index_directory.build_dir(build_id), settings.device, stored=self._stored_vectors
+            ),
+        )
         self.queries = QueryVectors(settings, self.store, encoder)
         self.texts = TextRanker(self.store)
         self.images = TileImages(settings, self.store)
@@ -247,6 +256,10 @@ class Engine:
 
     def _check_page(self, k: int, offset: int) -> None:
         check_page(k, offset, self.settings.max_k)
+
+    def _stored_vectors(self, tile_ids: np.ndarray, model_fingerprint: str) -> np.ndarray:
+        # The exact re-rank of compressed indexes reads the candidates' stored vectors.
+        return self.store.get_embeddings(tile_ids.tolist(), model_fingerprint)
 
     def _ranked(self, query: Query, k: int, offset: int, filters: Filters | None) -> dict:
         pairs, total = nearest(self.live_index, self.store, query.vector, offset + k, filters, query.exclude)

@@ -18,6 +18,7 @@ from search.archives.decode import content_hash, decode_image
 from search.conch.encoder import DEFAULT_TEMPLATES, Encoder
 from search.core.errors import BadQuery, HistosearchError, IndexUnavailable, NotFound
 from search.core.settings import Settings
+from search.storage.index_directory import IndexDirectory
 from search.storage.store import Store
 
 from .cache import LRU
@@ -54,6 +55,8 @@ class QueryVectors:
         self._image_previews = LRU(QUERY_CACHE_SIZE)
         # Why the model could not be loaded, as its error said: for /status and the page banners.
         self.load_error: str | None = None
+        self._directory = IndexDirectory(settings.data_dir / "index")
+        self._build_row: tuple[tuple[int, int, int], dict] | None = None
 
     @property
     def loaded_encoder(self) -> Encoder | None:
@@ -122,7 +125,7 @@ class QueryVectors:
 
     def live_build(self, *, for_encoder: bool = False) -> dict:
         """The live build; with ``for_encoder``, also checked to be embedded by this server's model."""
-        build = self.store.live_build()
+        build = self._cached_live_build()
         if build is None:
             raise IndexUnavailable("no index has been built yet: run `histosearch index FOLDER` to build one")
         if for_encoder:
@@ -132,6 +135,22 @@ class QueryVectors:
                     f"the live index was built with model {build['model_fingerprint']}, but this server runs "
                     f"{fingerprint}: run `histosearch reindex` to embed the tiles with this model"
                 )
+        return build
+
+    def _cached_live_build(self) -> dict | None:
+        """The live build's row, read again only when the index pointer changes (one stat, not a query)."""
+        stamp = self._directory.pointer_stamp()
+        cached = self._build_row
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        build = self.store.live_build()
+        try:
+            pointed = self._directory.live_build_id()
+        except IndexUnavailable:
+            return build  # a damaged pointer: the index load says so
+        # A publish swaps the pointer, then marks its row live: keep the row only once both agree.
+        if build is not None and stamp is not None and build["id"] == pointed:
+            self._build_row = (stamp, build)
         return build
 
     def _text_vector(self, text: str) -> np.ndarray:

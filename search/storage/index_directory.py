@@ -13,6 +13,8 @@ from search.core.errors import IndexUnavailable
 POINTER_NAME = "LIVE"
 INDEX_FILE_NAME = "index.faiss"
 REPAIR = "run `histosearch doctor --repair` (or `histosearch reindex`): it rebuilds the index from the stored vectors"
+# A build of index segments (search/storage/segmented.py) is finished once its manifest exists.
+MANIFEST_NAME = "manifest.json"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -24,8 +26,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 class IndexDirectory:
-    """On-disk builds under ``root``: ``builds/<build_id>/index.faiss`` plus a ``LIVE`` pointer file
-    holding the live build id.
+    """On-disk builds under ``root``: ``builds/<build_id>/`` (a ``manifest.json`` of index segments, or
+    one ``index.faiss``) plus a ``LIVE`` pointer file holding the live build id.
 
     A new build is written beside the live one and published by atomically replacing the pointer
     (os.replace), so a running server picks it up without restart and never sees a half-written index.
@@ -36,11 +38,19 @@ class IndexDirectory:
         self.pointer = self.root / POINTER_NAME
         # (path, inode, size, mtime) -> sha256: `status` checks the live file on every call, which must
         # not re-read gigabytes each time; any write to the file changes its stat.
-        self._checksums: dict[tuple[str, int, int, int], str] = {}
+        self._checksums: dict[tuple, str] = {}
 
     def build_path(self, build_id: int) -> Path:
-        """Where build ``build_id``'s index file goes (``VectorIndex.save`` creates the folder)."""
-        return self.root / "builds" / str(int(build_id)) / INDEX_FILE_NAME
+        """Where build ``build_id``'s single index file goes (``VectorIndex.save`` creates the folder)."""
+        return self.build_dir(build_id) / INDEX_FILE_NAME
+
+    def build_dir(self, build_id: int) -> Path:
+        return self.root / "builds" / str(int(build_id))
+
+    def has_build(self, build_id: int) -> bool:
+        """Whether build ``build_id`` is finished: its manifest or its single index file is written."""
+        folder = self.build_dir(build_id)
+        return (folder / MANIFEST_NAME).is_file() or (folder / INDEX_FILE_NAME).is_file()
 
     def build_ids(self) -> list[int]:
         """Builds on disk, oldest first."""
@@ -51,9 +61,8 @@ class IndexDirectory:
 
     def publish(self, build_id: int) -> None:
         """Make ``build_id`` live: atomic pointer swap, then remove builds older than the previous one."""
-        path = self.build_path(build_id)
-        if not path.is_file():
-            raise IndexUnavailable(f"{path}: no index file, cannot publish build {build_id}")
+        if not self.has_build(build_id):
+            raise IndexUnavailable(f"{self.build_dir(build_id)}: no finished index, cannot publish build {build_id}")
         try:
             previous = self.live_build_id()
         except IndexUnavailable:
@@ -72,7 +81,7 @@ class IndexDirectory:
         # someone else's work in progress.
         for old in self.build_ids():
             if old < build_id and old != previous:
-                shutil.rmtree(self.build_path(old).parent, ignore_errors=True)
+                shutil.rmtree(self.build_dir(old), ignore_errors=True)
 
     def unpublish(self) -> None:
         """No live index any more (every tile was removed): servers answer IndexUnavailable from the next query."""
@@ -91,15 +100,20 @@ class IndexDirectory:
         return int(text)
 
     def checksum(self, build_id: int) -> str:
-        """sha256 hex of build ``build_id``'s index file."""
-        path = self.build_path(build_id)
-        st = os.stat(path)
-        key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+        """sha256 hex of build ``build_id``: of its index file, or for a build of segments of every file in
+        its folder (names and contents, in name order)."""
+        folder = self.build_dir(build_id)
+        files = sorted(folder.iterdir()) if (folder / MANIFEST_NAME).is_file() else [self.build_path(build_id)]
+        stats = [os.stat(path) for path in files]
+        key = tuple((str(p), st.st_ino, st.st_size, st.st_mtime_ns) for p, st in zip(files, stats, strict=True))
         if key not in self._checksums:
             digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    digest.update(chunk)
+            for path in files:
+                if len(files) > 1:
+                    digest.update(f"{path.name}\n".encode())
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        digest.update(chunk)
             self._checksums = {key: digest.hexdigest()}
         return self._checksums[key]
 
@@ -116,8 +130,8 @@ class IndexDirectory:
             return f"{self.pointer}: missing, though build {build['id']} is live"
         if live != build["id"]:
             return f"{self.pointer} names build {live}, the database build {build['id']}"
-        path = self.build_path(live)
-        if not path.is_file():
+        path = self.build_dir(live)
+        if not self.has_build(live):
             return f"{path}: missing"
         if build.get("checksum") and self.checksum(live) != build["checksum"]:
             return f"{path}: does not match its recorded checksum (damaged or truncated)"

@@ -91,6 +91,18 @@ class Tile(Base):
     created_at: Mapped[datetime]
 
 
+class VectorSegment(Base):
+    """An append-only file of float16 vectors (search/storage/segments.py); ``rows`` are committed."""
+
+    __tablename__ = "vector_segments"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_fingerprint: Mapped[str] = mapped_column(String, index=True)
+    dim: Mapped[int]
+    rows: Mapped[int]
+    created_at: Mapped[datetime]
+
+
 class Embedding(Base):
     __tablename__ = "embeddings"
     # (model, tile_id) lets iter_embeddings page through one model's vectors in id order.
@@ -98,7 +110,11 @@ class Embedding(Base):
 
     tile_id: Mapped[int] = mapped_column(ForeignKey("tiles.id", ondelete="CASCADE"), primary_key=True)
     model_fingerprint: Mapped[str] = mapped_column(String)
-    vector: Mapped[bytes]
+    # Where the vector lives: a row of a segment file. Databases from before revision 0006 hold it
+    # in ``vector`` (float32 bytes) instead; both are read, new vectors go to segments.
+    segment_id: Mapped[int | None] = mapped_column(ForeignKey("vector_segments.id"))
+    position: Mapped[int | None]
+    vector: Mapped[bytes | None]
 
 
 class SlideVector(Base):

@@ -29,6 +29,7 @@ from search.storage.database import (
 from search.storage.eval_runs import EvalRunRepository
 from search.storage.jobs import JobRepository
 from search.storage.schema import Case, Embedding, Slide, Source, TextItem, Tile
+from search.storage.segments import VectorSegments
 from search.storage.slides import SlideRepository
 from search.storage.sources import SourceRepository
 from search.storage.texts import TextRepository
@@ -50,7 +51,8 @@ def _make_data_dir(folder: Path) -> None:
 class Store(SourceRepository, TileRepository, SlideRepository, TextRepository, JobRepository, EvalRunRepository):
     """All reads and writes of the histosearch database; one instance per process is enough."""
 
-    def __init__(self, db_url: str) -> None:
+    def __init__(self, db_url: str, vectors_dir: Path | None = None) -> None:
+        """``vectors_dir`` holds the vector segment files; by default ``vectors/`` beside a SQLite file."""
         url = make_url(db_url)
         self.read_only = False
         if url.get_backend_name() == "sqlite":
@@ -73,11 +75,16 @@ class Store(SourceRepository, TileRepository, SlideRepository, TextRepository, J
                 with FileLock(path.with_name(f".{path.name}.create-lock")) if fresh else contextlib.nullcontext():
                     check_database_file(path)
                     self._upgrade(db_url, path)
+            vectors_dir = vectors_dir or path.parent / "vectors"
         else:
+            if vectors_dir is None:
+                raise ConfigError(f"{db_url}: a server database needs a vectors_dir for the vector segment files")
             self._upgrade(db_url, Path(db_url))
         self.db_url = db_url
         self.engine = create_db_engine(db_url)
         self._writer = self.engine.execution_options(**{BEGIN_OPTION: "IMMEDIATE"})
+        self.segments = VectorSegments(vectors_dir)
+        self._segment_dim = {}
 
     @staticmethod
     def _upgrade(db_url: str, path: Path) -> None:
@@ -87,6 +94,7 @@ class Store(SourceRepository, TileRepository, SlideRepository, TextRepository, J
             raise ConfigError(describe_error(exc, path) or str(exc)) from None
 
     def close(self) -> None:
+        self.segments.close()
         self.engine.dispose()
 
     def counts(self) -> dict:

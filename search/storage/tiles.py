@@ -4,16 +4,18 @@ grid neighbours and the UI's facet values."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import numpy as np
-from sqlalchemy import Select, delete, func, insert, select, true, update
+from sqlalchemy import Select, bindparam, delete, func, insert, select, true, update
 from sqlalchemy.orm import Session
 
 from search.core.errors import BadQuery, NotFound
 from search.storage.dialect import json_is_scalar, json_pairs, json_text
 from search.storage.repository import Repository, as_matrix, chunks, decode_vectors, iso, utcnow
-from search.storage.schema import Case, Embedding, Slide, Source, Tile
+from search.storage.schema import Case, Embedding, Slide, Source, Tile, VectorSegment
+from search.storage.segments import SEGMENT_ROWS
 
 
 class TileState(NamedTuple):
@@ -26,6 +28,18 @@ class TileState(NamedTuple):
 
 
 TILE_COLUMNS = frozenset(c.name for c in Tile.__table__.columns) - {"id"}
+
+
+# get_tiles' statement in Core, its ids an expanding parameter: built and compiled once, rows read as
+# tuples. The ORM form (Tile objects) cost more than the query at a page of 24 results.
+_TILE_FIELDS = tuple(c.name for c in Tile.__table__.columns)
+_GET_TILES = (
+    select(*Tile.__table__.columns, Source.kind, Source.uri, Slide.slide_key, Case.case_key)
+    .join(Source, Tile.source_id == Source.id)
+    .outerjoin(Slide, Tile.slide_id == Slide.id)
+    .outerjoin(Case, Slide.case_id == Case.id)
+    .where(Tile.id.in_(bindparam("ids", expanding=True)))
+)
 
 
 def _tile_select() -> Select[Any]:
@@ -90,14 +104,38 @@ class TileRepository(Repository):
             return []
         full = [_tile_row(row) for row in rows]
         ids = list(s.scalars(insert(Tile).returning(Tile.id, sort_by_parameter_order=True), full))
+        self._insert_vectors(s, ids, matrix, model_fingerprint)
+        return ids
+
+    def _insert_vectors(self, s: Session, ids: list[int], matrix: np.ndarray, model_fingerprint: str) -> None:
+        """Append the vectors to the model's open segment and insert their embedding rows, in the
+        caller's write transaction (whose lock keeps other writers off the segment until it commits)."""
+        dim = matrix.shape[1]
+        segment = s.scalars(
+            select(VectorSegment)
+            .where(
+                VectorSegment.model_fingerprint == model_fingerprint,
+                VectorSegment.dim == dim,
+                VectorSegment.rows < SEGMENT_ROWS,
+            )
+            .order_by(VectorSegment.id.desc())
+            .limit(1)
+            .with_for_update()
+        ).first()
+        if segment is None:
+            segment = VectorSegment(model_fingerprint=model_fingerprint, dim=dim, rows=0, created_at=utcnow())
+            s.add(segment)
+            s.flush()
+        start = self.segments.append(segment.id, segment.rows, matrix)
         s.execute(
             insert(Embedding),
             [
-                {"tile_id": tile_id, "model_fingerprint": model_fingerprint, "vector": vector.tobytes()}
-                for tile_id, vector in zip(ids, matrix, strict=True)
+                {"tile_id": tile_id, "model_fingerprint": model_fingerprint, "segment_id": segment.id, "position": p}
+                for tile_id, p in zip(ids, range(start, start + len(ids)), strict=True)
             ],
         )
-        return ids
+        segment.rows = start + len(ids)
+        s.flush()
 
     def add_tiles(self, rows: list[dict], vectors: np.ndarray, model_fingerprint: str) -> list[int]:
         """Insert tiles with their embeddings in one transaction; returns the new ids in row order."""
@@ -115,7 +153,57 @@ class TileRepository(Repository):
 
     def set_embeddings(self, tile_ids: list[int], vectors: np.ndarray, model_fingerprint: str) -> None:
         """Store (or overwrite) the embeddings of existing tiles, e.g. after a model change."""
-        self._upsert_vectors(Embedding, "tile_id", tile_ids, vectors, model_fingerprint)
+        matrix = as_matrix(vectors, len(tile_ids))
+        if not tile_ids:
+            return
+        ids = [int(i) for i in tile_ids]
+        with self.session(write=True) as s:
+            for chunk in chunks(ids):
+                s.execute(delete(Embedding).where(Embedding.tile_id.in_(chunk)))
+            self._insert_vectors(s, ids, matrix, model_fingerprint)
+
+    def remove_unreferenced_segments(self) -> int:
+        """Delete segment files no database row names (a write that crashed before its commit); returns how
+        many. Runs under the database write lock, so no writer is between its append and its commit."""
+        with self.session(write=True) as s:
+            known = set(s.scalars(select(VectorSegment.id)))
+            return len(self.segments.remove_unknown(known))
+
+    def embedded_ids(self, model_fingerprint: str) -> np.ndarray:
+        """Sorted int64 ids of the tiles with a vector under the model."""
+        stmt = select(Embedding.tile_id).where(Embedding.model_fingerprint == model_fingerprint)
+        with self.session() as s:
+            return np.fromiter(s.scalars(stmt.order_by(Embedding.tile_id)), dtype=np.int64)
+
+    def _vectors_of(self, rows: list[tuple[int, int | None, int | None, bytes | None]]) -> np.ndarray:
+        """float32 [n, d] for (tile_id, segment_id, position, blob) rows, in row order."""
+        if not rows:
+            return np.empty((0, 0), dtype=np.float32)
+        blobs = [r[3] for r in rows if r[1] is None]
+        by_segment: dict[int, list[int]] = {}
+        for n, (_, segment_id, _, _) in enumerate(rows):
+            if segment_id is not None:
+                by_segment.setdefault(segment_id, []).append(n)
+        dims = self._segment_dims(by_segment)
+        dim = next(iter(dims.values())) if dims else len(blobs[0]) // 4
+        out = np.empty((len(rows), dim), dtype=np.float32)
+        if blobs:
+            # A database from before revision 0006: vectors still in float32 blobs.
+            legacy = [n for n, r in enumerate(rows) if r[1] is None]
+            out[legacy] = decode_vectors(blobs)
+        for segment_id, members in by_segment.items():
+            positions = np.fromiter((rows[n][2] for n in members), dtype=np.int64, count=len(members))
+            out[members] = self.segments.read(segment_id, dims[segment_id], positions)
+        return out
+
+    def _segment_dims(self, segment_ids: dict[int, list[int]]) -> dict[int, int]:
+        # A segment's dimension never changes: read once per process.
+        unknown = [i for i in segment_ids if i not in self._segment_dim]
+        if unknown:
+            with self.session() as s:
+                stmt = select(VectorSegment.id, VectorSegment.dim).where(VectorSegment.id.in_(unknown))
+                self._segment_dim.update((i, d) for i, d in s.execute(stmt))
+        return {i: self._segment_dim[i] for i in segment_ids}
 
     def update_fingerprints(self, pairs: list[tuple[int, str]]) -> None:
         """The cheap change detector moved but the content hash did not: keep the tile and its id."""
@@ -134,28 +222,29 @@ class TileRepository(Repository):
         last = -1
         while True:
             stmt = (
-                select(Embedding.tile_id, Embedding.vector)
+                select(Embedding.tile_id, Embedding.segment_id, Embedding.position, Embedding.vector)
                 .where(Embedding.model_fingerprint == model_fingerprint, Embedding.tile_id > last)
                 .order_by(Embedding.tile_id)
                 .limit(batch)
             )
             with self.session() as s:
-                rows = s.execute(stmt).all()
+                rows = [tuple(r) for r in s.execute(stmt)]
             if not rows:
                 return
             ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-            yield ids, decode_vectors([r[1] for r in rows])
+            yield ids, self._vectors_of(rows)
             last = int(ids[-1])
 
     def get_embeddings(self, tile_ids: list[int], model_fingerprint: str) -> np.ndarray:
         """Vectors [n, d] in the order of ``tile_ids``; NotFound names the tiles that have none."""
-        found: dict[int, bytes] = {}
+        tile_ids = [int(i) for i in tile_ids]
+        found: dict[int, tuple] = {}
         with self.session() as s:
             for chunk in chunks(list(dict.fromkeys(tile_ids))):
-                stmt = select(Embedding.tile_id, Embedding.vector).where(
+                stmt = select(Embedding.tile_id, Embedding.segment_id, Embedding.position, Embedding.vector).where(
                     Embedding.tile_id.in_(chunk), Embedding.model_fingerprint == model_fingerprint
                 )
-                found.update((i, v) for i, v in s.execute(stmt))
+                found.update((r[0], tuple(r)) for r in s.execute(stmt))
         missing = [i for i in tile_ids if i not in found]
         if missing:
             shown = ", ".join(str(i) for i in missing[:10]) + (" ..." if len(missing) > 10 else "")
@@ -163,15 +252,17 @@ class TileRepository(Repository):
                 f"no embedding under model {model_fingerprint} for tile(s) {shown}; "
                 "run `histosearch index` to (re-)embed them"
             )
-        return decode_vectors([found[i] for i in tile_ids])
+        return self._vectors_of([found[i] for i in tile_ids])
 
     def get_tiles(self, tile_ids: list[int]) -> list[dict]:
         """Tiles in the order of ``tile_ids`` with their source, slide and case; missing ids are skipped."""
         found: dict[int, dict] = {}
-        with self.session() as s:
+        width = len(_TILE_FIELDS)
+        with self.engine.connect() as conn:
             for chunk in chunks(list(dict.fromkeys(int(i) for i in tile_ids))):
-                for row in s.execute(_tile_select().where(Tile.id.in_(chunk))):
-                    found[row[0].id] = _tile_dict(*row)
+                for row in conn.execute(_GET_TILES, {"ids": list(chunk)}):
+                    tile = SimpleNamespace(**dict(zip(_TILE_FIELDS, row[:width], strict=True)))
+                    found[tile.id] = _tile_dict(tile, *row[width:])
         return [found[i] for i in (int(i) for i in tile_ids) if i in found]
 
     def tile_ids_by_content_hash(self, hashes: list[str]) -> dict[str, int]:

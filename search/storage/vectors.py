@@ -11,6 +11,7 @@ Index types:
   ``bench/ann.py`` at 1M vectors it keeps recall@10 >= 0.95 while searching >= 10x faster than ``flat``.
 - ``ivfpq``: IVF with product-quantised codes of ``dim // 4`` bytes (16x smaller than raw vectors); for
   archives whose raw vectors do not fit in memory, at a recall cost (0.88 at 100k, 0.81 at 1M, 512-d).
+- ``ivfsq8``: IVF with 8-bit scalar-quantised vectors (4x smaller than raw ones; trains no more than ``ivf``).
 - ``hnsw``: HNSW graph (M=32) over raw vectors; CPU only (FAISS has no GPU HNSW).
 
 A GPU FAISS build (``faiss-gpu``) trains and searches ``flat``/``ivf``/``ivfpq`` on the GPU (``ivfpq`` only
@@ -27,6 +28,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +44,9 @@ from search.storage.index_directory import REPAIR, IndexDirectory
 
 log = logging.getLogger(__name__)
 
-INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")
+INDEX_TYPES = ("flat", "ivf", "ivfpq", "ivfsq8", "hnsw")
+# Types built on inverted lists: trained by k-means, searched with nprobe.
+IVF_TYPES = frozenset({"ivf", "ivfpq", "ivfsq8"})
 # `python -m bench.ann` at 1M synthetic 512-d vectors on 2 CPU cores: ivf (default nprobe 25) had the best
 # recall@10, 0.994, at 15x exact's batch and 96x its single-query speed; hnsw was faster (24x / 196x) at
 # recall 0.980 but is CPU-only, and its graph walk suffers more from filters and from text queries that
@@ -157,6 +161,8 @@ def _new_index(kind: str, dim: int, n: int, nprobe: int | None) -> faiss.IndexID
         quantizer = faiss.IndexFlatIP(dim)
         if kind == "ivf":
             inner = faiss.IndexIVFFlat(quantizer, dim, nlist, ip)
+        elif kind == "ivfsq8":
+            inner = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, ip)
         else:
             inner = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_subquantizers(dim), 8, ip)
             inner.pq.cp.seed = TRAIN_SEED
@@ -182,6 +188,7 @@ def _kind_of(index: faiss.Index) -> str | None:
     for cls, kind in (
         (faiss.IndexFlat, "flat"),
         (faiss.IndexIVFPQ, "ivfpq"),
+        (faiss.IndexIVFScalarQuantizer, "ivfsq8"),
         (faiss.IndexIVFFlat, "ivf"),
         (faiss.IndexHNSWFlat, "hnsw"),
     ):
@@ -269,7 +276,7 @@ class VectorIndex:
     @property
     def nprobe(self) -> int | None:
         """Inverted lists probed per query (IVF types), else None."""
-        return int(_inner(self._cpu).nprobe) if self.index_type in ("ivf", "ivfpq") else None
+        return int(_inner(self._cpu).nprobe) if self.index_type in IVF_TYPES else None
 
     @classmethod
     def build(
@@ -295,7 +302,7 @@ class VectorIndex:
         n, dim = vectors.shape
         kind = choose_index_type(n, index_type, exact_max)
         # k-means needs a point per list; PQ needs a point per code of its 256-entry codebooks.
-        minimum = {"ivf": 1, "ivfpq": 256}.get(kind, 0)
+        minimum = {"ivf": 1, "ivfsq8": 1, "ivfpq": 256}.get(kind, 0)
         if n < minimum:
             raise BadInput(
                 f"an {kind!r} index needs at least {minimum} vectors to train, got {n}: use index type 'flat' or 'auto'"
@@ -305,7 +312,7 @@ class VectorIndex:
         number = _resolve_device(device)
         gpu = _gpu_for(number) if number is not None else None
         index = _new_index(kind, dim, n, nprobe)
-        if kind in ("ivf", "ivfpq"):
+        if kind in IVF_TYPES:
             cls._train(index, vectors, gpu)
         gpu_index = None
         if gpu is not None and _gpu_capable(kind, index):
@@ -319,7 +326,7 @@ class VectorIndex:
                 _inner(index).nprobe = probes
         else:
             index.add_with_ids(vectors, ids)
-        if kind in ("ivf", "ivfpq"):
+        if kind in IVF_TYPES:
             _inner(index).make_direct_map()
         return cls(index, number, gpu_index)
 
@@ -378,7 +385,7 @@ class VectorIndex:
 
     def _params(self, k: int, selector: faiss.IDSelector | None) -> faiss.SearchParameters | None:
         # Per-call parameters, never index attributes: concurrent searches must not see each other's.
-        if self.index_type in ("ivf", "ivfpq"):
+        if self.index_type in IVF_TYPES:
             params = faiss.SearchParametersIVF()
             params.nprobe = _inner(self._cpu).nprobe
         elif self.index_type == "hnsw":
@@ -476,20 +483,29 @@ class VectorIndex:
 class _Loaded:
     stamp: tuple[int, int, int]
     build_id: int
-    index: VectorIndex
+    index: Any
 
 
 class LiveIndex:
     """What a server holds: the live build, loaded lazily and reloaded when the pointer changes
-    (one stat per call). Thread-safe: while one thread loads a new build, others keep using the old."""
+    (one stat per call). Thread-safe: while one thread loads a new build, others keep using the old.
+
+    ``load`` reads a build id into an index (a build of segments: ``segmented.SegmentedIndex.load``);
+    by default the build's single ``index.faiss``. ``checksums``: a build's recorded sha256 (the store's
+    ``build_checksum``), checked at each load.
+    """
 
     def __init__(
-        self, directory: IndexDirectory, device: str = "auto", checksums: Callable[[int], str | None] | None = None
+        self,
+        directory: IndexDirectory,
+        device: str = "auto",
+        checksums: Callable[[int], str | None] | None = None,
+        load: Callable[[int], Any] | None = None,
     ) -> None:
-        """``checksums``: a build's recorded sha256 (the store's ``build_checksum``), checked at each load."""
         self.directory = directory
         self.device = device
         self.checksums = checksums
+        self._load = load or (lambda build_id: VectorIndex.load(directory.build_path(build_id), device))
         self._loaded: _Loaded | None = None
         self._reload_lock = threading.Lock()
 
@@ -499,7 +515,7 @@ class LiveIndex:
         loaded = self._loaded
         return loaded.build_id if loaded else None
 
-    def get(self) -> VectorIndex:
+    def get(self) -> Any:
         loaded = self._loaded
         if loaded is not None and loaded.stamp == self.directory.pointer_stamp():
             return loaded.index
@@ -510,7 +526,7 @@ class LiveIndex:
         finally:
             self._reload_lock.release()
 
-    def _reload(self) -> VectorIndex:
+    def _reload(self) -> Any:
         # A few tries: two publishes in quick succession can remove the build the pointer named
         # between reading the pointer and loading the file.
         for _ in range(3):
@@ -524,13 +540,15 @@ class LiveIndex:
             if loaded is not None and loaded.build_id == build_id:
                 index = loaded.index
             else:
-                path = self.directory.build_path(build_id)
-                if not path.is_file():
+                if not self.directory.has_build(build_id):
                     continue
                 expected = self.checksums(build_id) if self.checksums is not None else None
                 if expected is not None and self.directory.checksum(build_id) != expected:
-                    raise IndexUnavailable(f"{path}: damaged (it does not match its recorded checksum): {REPAIR}")
-                index = VectorIndex.load(path, self.device)
+                    raise IndexUnavailable(
+                        f"{self.directory.build_dir(build_id)}: damaged (it does not match its recorded checksum): "
+                        f"{REPAIR}"
+                    )
+                index = self._load(build_id)
             self._loaded = _Loaded(stamp, build_id, index)
             return index
         raise IndexUnavailable(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from search.core.errors import BadQuery
 
@@ -74,7 +74,7 @@ def similar_page(
     return render(request, "search.html", context)
 
 
-@router.get("/api/search", tags=["search"])
+@router.get("/api/search", tags=["search"], response_model=dict)
 def api_search(
     engine: EngineDep,
     filters: FiltersDep,
@@ -82,14 +82,16 @@ def api_search(
     image: Annotated[str | None, Query(description="the image reference an image query returned")] = None,
     k: K = DEFAULT_K,
     offset: Offset = 0,
-) -> dict:
+) -> JSONResponse:
     """Tiles ranked by similarity to a text (``q``) or to an image uploaded before (``image``).
 
     Filters: ``source``, ``slide``, ``case`` and ``meta.<key>=<value>`` query parameters."""
+    # The engine's dict is plain JSON data already: serialised as it is, not walked by FastAPI's
+    # response validation and jsonable_encoder (a few ms for a page of 24 results on a busy CPU).
     if q is not None:
-        return ranked_links(engine.search_text(q, k, offset, filters))
+        return JSONResponse(ranked_links(engine.search_text(q, k, offset, filters)))
     if image:
-        return ranked_links(engine.search_image(image, k, offset, filters))
+        return JSONResponse(ranked_links(engine.search_image(image, k, offset, filters)))
     raise BadQuery("give q=<morphology description> or image=<reference from POST /api/search/image>")
 
 

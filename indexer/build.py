@@ -1,0 +1,146 @@
+"""Publishing the FAISS index of the stored vectors: incremental where it can be, a full build where it must.
+
+The live build's ids are compared with the stored ones: new tiles go into a new index segment cloned
+from the live build's trained quantiser, removed tiles join its deleted ids. The quantiser is trained
+again only on request (``reindex --retrain``), when the index type changes (the collection crossed
+``exact_max`` or ``compress_above``), or when the collection outgrew ``retrain_growth`` times the
+count it was trained for. Too many parts or deleted ids merge the parts, still without training.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from search.core.errors import IndexUnavailable
+from search.core.settings import Settings
+from search.storage import segmented
+from search.storage.index_directory import IndexDirectory
+from search.storage.store import Store
+from search.storage.vectors import TRAIN_POINTS_PER_LIST, TRAIN_SEED, ivf_nlist
+
+log = logging.getLogger(__name__)
+
+# Vectors read from the store and added to FAISS at a time during a build.
+BATCH = 65_536
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """What a publish does: ``full`` (train and add all), ``merge`` (add all, no training), ``incremental``."""
+
+    mode: str
+    kind: str
+    added: np.ndarray
+    removed: np.ndarray
+
+
+def plan(
+    store_ids: np.ndarray,
+    live: segmented.Built | None,
+    kind: str,
+    fingerprint: str,
+    dim: int,
+    settings: Settings,
+    retrain: bool,
+) -> BuildPlan:
+    none = np.zeros(0, np.int64)
+    if (
+        retrain
+        or live is None
+        or segmented.needs_retrain(live.manifest, len(store_ids), kind, fingerprint, dim, settings.retrain_growth)
+    ):
+        return BuildPlan("full", kind, store_ids, none)
+    built = live.ids
+    added = np.setdiff1d(store_ids, built, assume_unique=True)
+    removed = np.setdiff1d(built, store_ids, assume_unique=True)
+    parts = len(live.manifest.parts) + (len(added) > 0)
+    deleted = len(live.deleted) + len(removed)
+    # An id deleted earlier and stored again would sit in an old part with its old vector: merge.
+    if np.isin(added, live.deleted).any() or segmented.needs_merge(parts, deleted, len(store_ids)):
+        return BuildPlan("merge", kind, store_ids, none)
+    return BuildPlan("incremental", kind, added, removed)
+
+
+def _batches(store: Store, ids: np.ndarray, fingerprint: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for start in range(0, len(ids), BATCH):
+        chunk = ids[start : start + BATCH]
+        yield chunk, store.get_embeddings(chunk.tolist(), fingerprint)
+
+
+def _sample(store: Store, ids: np.ndarray, kind: str, fingerprint: str) -> np.ndarray:
+    """The vectors that train the quantiser: a deterministic sample, as many as k-means uses."""
+    size = len(ids) if kind not in segmented.TRAINED_TYPES else TRAIN_POINTS_PER_LIST * ivf_nlist(len(ids))
+    size = min(len(ids), max(size, 1))
+    rows = np.sort(np.random.default_rng(TRAIN_SEED).choice(len(ids), size, replace=False))
+    return np.vstack([v for _, v in _batches(store, ids[rows], fingerprint)])
+
+
+def publish(
+    store: Store,
+    directory: IndexDirectory,
+    fingerprint: str,
+    settings: Settings,
+    *,
+    retrain: bool = False,
+) -> dict | None:
+    """Write a new build of the stored vectors under ``fingerprint`` beside the live one and publish it.
+
+    Returns the live build's row, or None when nothing is stored (the index is then unpublished).
+    """
+    store_ids = store.embedded_ids(fingerprint)
+    live_row = store.live_build()
+    if len(store_ids) == 0:
+        if live_row:
+            directory.unpublish()
+            store.set_build_status(live_row["id"], "retired")
+        return None
+    dim = store.get_embeddings(store_ids[:1].tolist(), fingerprint).shape[1]
+    kind = segmented.choose_kind(len(store_ids), settings.index_type, settings.exact_max, settings.compress_above)
+    live = None
+    try:
+        live_id = directory.live_build_id()
+    except IndexUnavailable:
+        live_id = None  # a damaged pointer: a full build repairs it
+    if live_row and live_id == live_row["id"] and live_row["model_fingerprint"] == fingerprint:
+        live = segmented.Built.read(directory.build_dir(live_id))
+    todo = plan(store_ids, live, kind, fingerprint, dim, settings, retrain)
+    build_id = store.add_build(fingerprint, kind, len(store_ids), "", "cpu")
+    folder = directory.build_dir(build_id)
+    log.info("build %d: %s, %s, %d vectors", build_id, todo.mode, kind, len(store_ids))
+    if todo.mode == "full":
+        segmented.write_full(
+            folder,
+            build_id,
+            kind=kind,
+            fingerprint=fingerprint,
+            n=len(store_ids),
+            sample=_sample(store, store_ids, kind, fingerprint),
+            batches=_batches(store, store_ids, fingerprint),
+            device=settings.device,
+        )
+    elif todo.mode == "merge":
+        segmented.write_merged(
+            folder,
+            build_id,
+            directory.build_dir(live_id),
+            live.manifest,
+            _batches(store, store_ids, fingerprint),
+        )
+    else:
+        segmented.write_incremental(
+            folder,
+            build_id,
+            directory.build_dir(live_id),
+            live.manifest,
+            live.deleted,
+            _batches(store, todo.added, fingerprint) if len(todo.added) else None,
+            todo.removed,
+        )
+    store.set_build_checksum(build_id, directory.checksum(build_id))
+    directory.publish(build_id)
+    store.set_build_status(build_id, "live")
+    return store.live_build()
