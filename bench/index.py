@@ -70,7 +70,7 @@ def _index_run(
         device=str(encoder.device),
         gpu_decode=gpu_decode,
     )
-    store = Store(settings.db_url)
+    store = Store.from_settings(settings)
     store.set_meta("builtin_vocabulary", "0")  # texts are not part of tile throughput
     indexer = Indexer(settings, store=store, encoder=encoder)
     start = time.perf_counter()

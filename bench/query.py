@@ -59,7 +59,7 @@ def build_store(settings, n: int, dim: int) -> float:
     """n bare tile rows with random unit vectors, an exact index over them, published live; returns seconds."""
     start = time.perf_counter()
     rng = np.random.default_rng(0)
-    store = Store(settings.db_url)
+    store = Store.from_settings(settings)
     source_id = store.get_or_create_source("folder", str(settings.data_dir / "tiles"))
     cases = [store.upsert_case(f"case{c:03d}") for c in range(20)]
     slides = [

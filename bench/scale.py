@@ -57,7 +57,7 @@ def ingest(data_dir: Path, start: int, n: int, batch: int) -> dict:
     """Rows ``start .. start + n`` with their vectors; rows/s over the first and the last 5 % of them."""
     from search.storage.store import Store
 
-    store = Store(_settings(data_dir, None).db_url)
+    store = Store.from_settings(_settings(data_dir, None))
     mixture = SyntheticEmbeddings(DIM)
     source_id = store.get_or_create_source("folder", "/archive/synthetic")
     slides: dict[int, int] = {}
@@ -121,7 +121,7 @@ def publish(data_dir: Path, compress_above: int | None) -> dict:
     from search.storage.store import Store
 
     settings = _settings(data_dir, compress_above)
-    store = Store(settings.db_url)
+    store = Store.from_settings(settings)
     t0 = time.perf_counter()
     build = publish_index(store, IndexDirectory(data_dir / "index"), FINGERPRINT, settings)
     seconds = time.perf_counter() - t0
@@ -132,7 +132,7 @@ def publish(data_dir: Path, compress_above: int | None) -> dict:
 def remove(data_dir: Path, share: float) -> dict:
     from search.storage.store import Store
 
-    store = Store(_settings(data_dir, None).db_url)
+    store = Store.from_settings(_settings(data_dir, None))
     ids = store.embedded_ids(FINGERPRINT)
     chosen = np.random.default_rng(5).choice(ids, int(share * len(ids)), replace=False)
     t0 = time.perf_counter()

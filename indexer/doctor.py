@@ -72,7 +72,7 @@ def run(settings: Settings, repair: bool = False) -> Report:
     report.findings.append(Finding("database", problem))
     if problem is not None:
         return report  # nothing else can be trusted, or rebuilt, from a damaged database
-    store = Store(settings.db_url)
+    store = Store.from_settings(settings)
     try:
         _check_index(store, IndexDirectory(settings.data_dir / "index"), settings, repair, report)
         stale = store.stale_jobs()

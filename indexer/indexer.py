@@ -143,7 +143,7 @@ class Indexer:
         """``lock``: the indexer lock when the caller took it already (the CLI does, before importing this)."""
         self.settings = settings
         self._held = lock
-        self.store = store or Store(settings.db_url)
+        self.store = store or Store.from_settings(settings)
         self._encoder = encoder
         self.progress = progress
         self.directory = IndexDirectory(settings.data_dir / "index")

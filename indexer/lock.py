@@ -33,7 +33,7 @@ def acquire(settings: Settings, wait: bool = False) -> IndexerLock:
 def _running(settings: Settings) -> str:
     from search.storage.store import Store
 
-    store = Store(settings.db_url)
+    store = Store.from_settings(settings)
     try:
         job = store.running_job()
     finally:

@@ -363,7 +363,7 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
     from search.evaluation.compare import compare_runs, format_comparison
     from search.storage.store import Store
 
-    store = Store(settings.db_url)
+    store = Store.from_settings(settings)
     try:
         if args.compare:
             a, b = (store.get_eval_run(_run_id(value)) for value in args.compare)

@@ -116,4 +116,6 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A new empty database on each of the store's two backends."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'data' / 'histosearch.db'}"
+    # A server database keeps its vector segment files in the data dir of the settings.
+    request.getfixturevalue("monkeypatch").setenv("HISTOSEARCH_DATA_DIR", str(tmp_path / "data"))
     return request.getfixturevalue("postgres").new_database()

@@ -41,7 +41,7 @@ class Engine:
     def __init__(self, settings: Settings, store: Store | None = None, encoder: Encoder | None = None) -> None:
         self.settings = settings
         self._owns_store = store is None
-        self.store = store if store is not None else Store(settings.db_url)
+        self.store = store if store is not None else Store.from_settings(settings)
         self.index_directory = IndexDirectory(settings.data_dir / "index")
         self.live_index = LiveIndex(
             self.index_directory,

@@ -17,6 +17,7 @@ from sqlalchemy import func, make_url, select
 from sqlalchemy.exc import DBAPIError
 
 from search.core.errors import ConfigError
+from search.core.settings import Settings, load_settings
 from search.storage.database import (
     BEGIN_OPTION,
     check_database_file,
@@ -77,14 +78,20 @@ class Store(SourceRepository, TileRepository, SlideRepository, TextRepository, J
                     self._upgrade(db_url, path)
             vectors_dir = vectors_dir or path.parent / "vectors"
         else:
-            if vectors_dir is None:
-                raise ConfigError(f"{db_url}: a server database needs a vectors_dir for the vector segment files")
+            # A server database has no folder of its own: its vector segment files live in the data dir
+            # (a shared file system when several machines index into it; docs/deployment.md).
+            vectors_dir = vectors_dir or load_settings().data_dir / "vectors"
             self._upgrade(db_url, Path(db_url))
         self.db_url = db_url
         self.engine = create_db_engine(db_url)
         self._writer = self.engine.execution_options(**{BEGIN_OPTION: "IMMEDIATE"})
         self.segments = VectorSegments(vectors_dir)
         self._segment_dim = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Store:
+        """The store of these settings: their database, with vector segments in their data dir."""
+        return cls(settings.db_url, vectors_dir=settings.data_dir / "vectors")
 
     @staticmethod
     def _upgrade(db_url: str, path: Path) -> None:
