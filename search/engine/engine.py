@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
 from PIL import Image
 
 from search.conch.config import get_model_cfg
@@ -20,9 +19,8 @@ from search.conch.encoder import Encoder, resolve_device
 from search.core.errors import BadQuery, ConfigError, HistosearchError
 from search.core.settings import Settings
 from search.storage.index_directory import IndexDirectory
-from search.storage.segmented import SegmentedIndex
+from search.storage.segmented import live_tile_index
 from search.storage.store import Store
-from search.storage.vectors import LiveIndex
 
 from .cache import CACHE_SECONDS
 from .cases import MAX_PER_CASE, group_cases
@@ -43,14 +41,7 @@ class Engine:
         self._owns_store = store is None
         self.store = store if store is not None else Store.from_settings(settings)
         self.index_directory = IndexDirectory(settings.data_dir / "index")
-        self.live_index = LiveIndex(
-            self.index_directory,
-            settings.device,
-            checksums=self.store.build_checksum,
-            load=lambda build_id: SegmentedIndex.load(
-                self.index_directory.build_dir(build_id), settings.device, stored=self._stored_vectors
-            ),
-        )
+        self.live_index = live_tile_index(self.index_directory, self.store, settings.device)
         self.queries = QueryVectors(settings, self.store, encoder)
         self.texts = TextRanker(self.store)
         self.images = TileImages(settings, self.store)
@@ -256,10 +247,6 @@ class Engine:
 
     def _check_page(self, k: int, offset: int) -> None:
         check_page(k, offset, self.settings.max_k)
-
-    def _stored_vectors(self, tile_ids: np.ndarray, model_fingerprint: str) -> np.ndarray:
-        # The exact re-rank of compressed indexes reads the candidates' stored vectors.
-        return self.store.get_embeddings(tile_ids.tolist(), model_fingerprint)
 
     def _ranked(self, query: Query, k: int, offset: int, filters: Filters | None) -> dict:
         pairs, total = nearest(self.live_index, self.store, query.vector, offset + k, filters, query.exclude)

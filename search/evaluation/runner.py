@@ -29,8 +29,9 @@ from search.evaluation.ranking import rank_exact, rank_index
 from search.evaluation.reports import pairs_report, retrieval_report, zero_shot_report
 from search.slides.aggregate import DESCRIPTIONS, METHODS, slide_vector
 from search.storage.index_directory import IndexDirectory
+from search.storage.segmented import live_tile_index
 from search.storage.store import Store
-from search.storage.vectors import LiveIndex, VectorIndex
+from search.storage.vectors import VectorIndex
 
 Mode = Literal["exact", "index"]
 PAIR_KS = (1, 5, 10, 50)
@@ -80,7 +81,7 @@ class Evaluator:
         self.store = store
         self._encoder = encoder
         self.cache = EmbeddingCache(settings.cache_dir / "eval")
-        self.live_index = LiveIndex(IndexDirectory(settings.data_dir / "index"), settings.device)
+        self.live_index = live_tile_index(IndexDirectory(settings.data_dir / "index"), store, settings.device)
 
     def encoder(self) -> Encoder:
         if self._encoder is None:

@@ -23,14 +23,16 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
 
 from search.core.errors import BadQuery, IndexUnavailable
-from search.storage.index_directory import INDEX_FILE_NAME, MANIFEST_NAME
+from search.storage.index_directory import INDEX_FILE_NAME, MANIFEST_NAME, IndexDirectory
 from search.storage.vectors import (
     IVF_TYPES,
+    LiveIndex,
     VectorIndex,
     _as_ids,
     _empty,
@@ -39,6 +41,9 @@ from search.storage.vectors import (
     _resolve_device,
     choose_index_type,
 )
+
+if TYPE_CHECKING:
+    from search.storage.store import Store
 
 TRAINED_NAME = "trained.faiss"
 DELETED_NAME = "deleted.npy"
@@ -358,3 +363,17 @@ def needs_retrain(manifest: Manifest, n: int, kind: str, fingerprint: str, dim: 
     if (manifest.index_type, manifest.model_fingerprint, manifest.dim) != (kind, fingerprint, dim):
         return True
     return kind in TRAINED_TYPES and n > math.floor(growth * manifest.trained_count)
+
+
+def live_tile_index(index_directory: IndexDirectory, store: Store, device: str) -> LiveIndex:
+    """The live tile index of a data dir: builds of segments, re-ranked on the store's vectors, checksums checked."""
+    return LiveIndex(
+        index_directory,
+        device,
+        checksums=store.build_checksum,
+        load=lambda build_id: SegmentedIndex.load(
+            index_directory.build_dir(build_id),
+            device,
+            stored=lambda tile_ids, fingerprint: store.get_embeddings(tile_ids.tolist(), fingerprint),
+        ),
+    )
