@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from indexer.batches import BatchEncoder, Encoded
 from indexer.lock import acquire as acquire_lock
-from indexer.manifest import Manifest, identity
+from indexer.manifest import Manifest, identity, manifest_mpp
 from indexer.pipeline import Decoded, DecodePool, Failed, default_workers
 from indexer.slides import SlideReport, sync_slide_vectors
 from indexer.texts import BUILTIN_CORPUS, TextItem, builtin_vocabulary, load_corpus
@@ -30,6 +30,7 @@ from search.archives.readers import Reader, Skipped, TileEntry, open_reader
 from search.conch.encoder import Encoder
 from search.core.errors import BadInput, HistosearchError
 from search.core.settings import Settings
+from search.storage.build_checks import publish_build
 from search.storage.database import describe_error
 from search.storage.index_directory import IndexDirectory
 from search.storage.store import Store, TileState
@@ -512,15 +513,20 @@ class Indexer:
         index = VectorIndex.build(
             ids, vectors, self.settings.index_type, exact_max=self.settings.exact_max, device=self.settings.device
         )
-        build_id = self.store.add_build(fingerprint, index.index_type, index.ntotal, "", index.device)
-        path = self.directory.build_path(build_id)
-        index.save(path)
-        self.store.set_build_checksum(build_id, self.directory.checksum(build_id))
-        self.directory.publish(build_id)
-        self.store.set_build_status(build_id, "live")
+        build = publish_build(
+            self.store,
+            self.directory,
+            index,
+            ids,
+            vectors,
+            fingerprint,
+            calibration_size=self.settings.calibration_sample,
+            min_recall=self.settings.min_recall,
+            recall_queries=self.settings.recall_queries,
+        )
         self.store.set_meta(DIRTY_KEY, "0")
         self._dirty = False
-        return self.store.live_build()
+        return build
 
 
 class _Identities:
@@ -566,7 +572,7 @@ class _Identities:
             "x": entry.x,
             "y": entry.y,
             "size": entry.size,
-            "mpp": entry.mpp,
+            "mpp": entry.mpp if entry.mpp is not None else manifest_mpp(extra),
             "width": decoded.width,
             "height": decoded.height,
             "content_hash": decoded.content_hash,

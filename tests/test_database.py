@@ -34,6 +34,7 @@ TABLES = {
     "jobs",
     "file_errors",
     "meta",
+    "query_log",
 }
 
 

@@ -20,7 +20,7 @@ from search.engine.engine import Engine
 from .errors import add_error_handlers
 from .middleware import BodyLimit, SecurityHeaders, TokenAuth
 from .pages import make_templates
-from .routes import cases, evaluation, images, login, search, slides, status, tiles
+from .routes import cases, describe, evaluation, images, login, query_log, search, slides, status, tiles
 
 # Room for the multipart framing and form fields around an upload of max_upload_bytes.
 FORM_OVERHEAD_BYTES = 64 * 1024
@@ -47,7 +47,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.engine = engine if engine is not None else Engine(settings)
     app.state.templates = make_templates()
 
-    for module in (search, cases, slides, tiles, status, evaluation, images, login):
+    for module in (search, cases, slides, tiles, status, evaluation, images, login, describe, query_log):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
     add_error_handlers(app)

@@ -12,6 +12,7 @@ from urllib.parse import quote, urlencode
 from fastapi import Request
 
 from search.engine.filters import Filters
+from search.engine.options import SearchOptions
 
 
 def tile_url(tile_id: int) -> str:
@@ -78,16 +79,38 @@ def filter_params(filters: Filters) -> dict[str, str]:
     return params
 
 
+def upload_url(ref: str) -> str:
+    """An uploaded query image, as kept on disk by content hash."""
+    return f"/images/uploads/{ref}.png"
+
+
+def option_params(options: SearchOptions) -> dict[str, Any]:
+    """The query parameters that reproduce ``options`` (``plus``/``minus`` as lists)."""
+    params: dict[str, Any] = {}
+    for name in ("min_confidence", "max_per_slide", "magnification"):
+        if getattr(options, name) is not None:
+            params[name] = getattr(options, name)
+    for name in ("exclude_case", "same_scale"):
+        if getattr(options, name):
+            params[name] = 1
+    if options.tta is not None:
+        params["tta"] = int(options.tta)
+    if options.plus or options.minus:
+        params.update(plus=list(options.plus), minus=list(options.minus), weight=options.weight)
+    return params
+
+
 def url_with(path: str, **params: Any) -> str:
-    """``path`` with the given query parameters; None values are left out."""
-    query = urlencode({key: value for key, value in params.items() if value is not None})
+    """``path`` with the given query parameters (a list value repeats its name); None values are left out."""
+    query = urlencode({key: value for key, value in params.items() if value is not None}, doseq=True)
     return f"{path}?{query}" if query else path
 
 
 def page_urls(request: Request, result: dict) -> tuple[str | None, str | None]:
     """Previous and next page links of a ranked result, keeping every other query parameter."""
     k, offset = result["k"], result["offset"]
-    params = dict(request.query_params)
+    params: dict[str, Any] = {key: request.query_params.getlist(key) for key in request.query_params}
+    params = {key: values[0] if len(values) == 1 else values for key, values in params.items()}
     prev_url = next_url = None
     if offset > 0:
         prev_url = url_with(request.url.path, **{**params, "offset": max(0, offset - k)})

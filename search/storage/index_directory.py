@@ -42,6 +42,10 @@ class IndexDirectory:
         """Where build ``build_id``'s index file goes (``VectorIndex.save`` creates the folder)."""
         return self.root / "builds" / str(int(build_id)) / INDEX_FILE_NAME
 
+    def build_file(self, build_id: int, name: str) -> Path:
+        """A file kept beside build ``build_id``'s index (its calibration sample), removed with it."""
+        return self.root / "builds" / str(int(build_id)) / name
+
     def build_ids(self) -> list[int]:
         """Builds on disk, oldest first."""
         builds = self.root / "builds"

@@ -9,9 +9,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 
 from search.core.errors import BadQuery
 
-from ..deps import EngineDep, FiltersDep, FormFiltersDep, UploadedImage
+from ..deps import EngineDep, FiltersDep, FormFiltersDep, FormOptionsDep, OptionsDep, UploadedImage
 from ..pages import render
-from ..urls import cases_links, filter_params, url_with
+from ..urls import cases_links, filter_params, option_params, url_with
 
 router = APIRouter()
 
@@ -26,6 +26,7 @@ def cases_page(
     request: Request,
     engine: EngineDep,
     filters: FiltersDep,
+    options: OptionsDep,
     q: str = "",
     image: str = "",
     tile: int | None = None,
@@ -34,7 +35,7 @@ def cases_page(
     per_case: PerCase = 3,
 ) -> HTMLResponse:
     context: dict = {"page": "cases", "q": q, "k": k, "filters": filters, "facets": engine.facets(), "result": None}
-    options = {"top_tiles": top_tiles, "per_case": per_case, "k": k, "filters": filters}
+    options = {"top_tiles": top_tiles, "per_case": per_case, "k": k, "filters": filters, "options": options}
     if q.strip():
         context.update(mode="text", result=engine.cases(text=q, **options))
     elif image:
@@ -46,16 +47,22 @@ def cases_page(
 
 @router.post("/cases/image", include_in_schema=False)
 def cases_image_form(
-    engine: EngineDep, image: UploadedImage, filters: FormFiltersDep, k: Annotated[int, Form(ge=1)] = DEFAULT_CASES
+    engine: EngineDep,
+    image: UploadedImage,
+    filters: FormFiltersDep,
+    options: FormOptionsDep,
+    k: Annotated[int, Form(ge=1)] = DEFAULT_CASES,
 ) -> RedirectResponse:
-    ref = engine.image_ref(image)
-    return RedirectResponse(url_with("/cases", image=ref, k=k, **filter_params(filters)), status_code=303)
+    ref = engine.image_ref(image, options.tta)
+    params = {**filter_params(filters), **option_params(options)}
+    return RedirectResponse(url_with("/cases", image=ref, k=k, **params), status_code=303)
 
 
 @router.get("/api/cases", tags=["cases"])
 def api_cases(
     engine: EngineDep,
     filters: FiltersDep,
+    options: OptionsDep,
     q: Annotated[str | None, Query(description="a morphology description")] = None,
     image: Annotated[str | None, Query(description="the image reference an image query returned")] = None,
     tile: Annotated[int | None, Query(description="an indexed tile id")] = None,
@@ -67,7 +74,14 @@ def api_cases(
     if sum(x is not None for x in (q, image, tile)) != 1:
         raise BadQuery("give exactly one of q=<text>, image=<reference> or tile=<tile id>")
     result = engine.cases(
-        text=q, image=image, tile_id=tile, top_tiles=top_tiles, per_case=per_case, k=k, filters=filters
+        text=q,
+        image=image,
+        tile_id=tile,
+        top_tiles=top_tiles,
+        per_case=per_case,
+        k=k,
+        filters=filters,
+        options=options,
     )
     return cases_links(result)
 
@@ -77,9 +91,11 @@ def api_cases_image(
     engine: EngineDep,
     image: UploadedImage,
     filters: FormFiltersDep,
+    options: FormOptionsDep,
     k: Annotated[int, Form(ge=1)] = DEFAULT_CASES,
     top_tiles: Annotated[int, Form(ge=1)] = 200,
     per_case: Annotated[int, Form(ge=1)] = 3,
 ) -> dict:
     """Cases like an uploaded patch (multipart field ``image``)."""
-    return cases_links(engine.cases(image=image, top_tiles=top_tiles, per_case=per_case, k=k, filters=filters))
+    result = engine.cases(image=image, top_tiles=top_tiles, per_case=per_case, k=k, filters=filters, options=options)
+    return cases_links(result)
