@@ -32,7 +32,8 @@ class QueryLog:
     def record(
         self, query: Query, filters: Filters | None, options: SearchOptions, results: int, started: float
     ) -> None:
-        if not self.settings.query_log:
+        # A read-only data dir still answers queries (Store.read_only); it just cannot log them.
+        if not self.settings.query_log or getattr(self.store, "read_only", False):
             return
         names = query.names
         self._pending.put(
