@@ -87,6 +87,8 @@ def tiny_settings(tmp_path: Path, tiny_checkpoint: Path, tokenizer_path: Path, m
         workers=1,
         batch_size=8,
         tile_size=64,
+        # FastAPI's TestClient sends "Host: testserver"; the default is the loopback names only.
+        allowed_hosts=["localhost", "127.0.0.1", "[::1]", "testserver"],
     )
 
 

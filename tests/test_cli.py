@@ -122,7 +122,7 @@ SETTING_FLAGS = {
     "data_dir": (["--data-dir", "/tmp/hs", "serve"], Path("/tmp/hs")),
     "host": (["serve", "--host", "0.0.0.0"], "0.0.0.0"),
     "port": (["serve", "--port", "9001"], 9001),
-    "auth_token": (["serve", "--auth-token", "s3cret"], "s3cret"),
+    "auth_token": (["serve", "--auth-token", "s3cret-token-16chars"], "s3cret-token-16chars"),
     "model": (["query", "--model-config", "conch_tiny"], "conch_tiny"),
     "checkpoint": (["query", "--checkpoint", "w.bin"], Path("w.bin")),
     "tokenizer": (["embed", "-o", "x.npy", "--tokenizer", "t.json"], Path("t.json")),

@@ -7,10 +7,10 @@ import sys
 import zlib
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
-from search.archives.decode import content_hash, decode_image
-from search.core.errors import BadInput
+from search.archives.decode import UploadDecoder, content_hash, decode_image
+from search.core.errors import BadInput, ServerBusy
 from tests.archives import TILE_FORMATS, bomb_png, image_bytes, make_image
 
 LIMIT = 100_000_000
@@ -132,3 +132,53 @@ def test_pillows_bomb_warning_does_not_reach_stderr(tmp_path):
     )
     assert done.stdout.startswith("big.png: 10000x9500 is too many pixels")
     assert done.stderr == ""
+
+
+# Uploads: one query patch, a far lower pixel limit, a bounded number decoding at once.
+
+UPLOAD_LIMIT = 4096 * 4096
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_upload_bomb_is_refused_before_any_pixel_is_decoded(monkeypatch):
+    data = bomb_png(10_000, 10_000)  # a 1-bit PNG claiming exactly the archive limit of 100 Mpx
+    assert len(data) < 16_000
+
+    def no_decoding(self):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    decoder = UploadDecoder(max_pixels=UPLOAD_LIMIT, concurrency=1)
+    with pytest.raises(BadInput, match=r"^upload b.png: 10000x10000 is too many pixels .*max_upload_pixels"):
+        decoder(data, "upload b.png")
+
+
+def test_upload_limit_is_known_before_decoding():
+    decoder = UploadDecoder(max_pixels=UPLOAD_LIMIT, concurrency=2)
+    assert decoder.max_bytes == UPLOAD_LIMIT * 4
+
+
+def test_large_upload_jpeg_is_decoded_reduced():
+    photo = Image.new("RGB", (2000, 1600), "purple")
+    data = image_bytes(photo, "jpg")
+    decoder = UploadDecoder(max_pixels=100_000, concurrency=1, min_side=200)
+    image = decoder(data, "upload photo.jpg")
+    assert image.size == (250, 200)  # 1/8 scale: the shorter side still covers min_side
+    assert image.getpixel((100, 100))[0] > 100  # real pixels, not a blank draft
+    # The same pixels as PNG cannot be decoded reduced: refused by the limit.
+    with pytest.raises(BadInput, match="2000x1600 is too many pixels"):
+        decoder(image_bytes(photo, "png"), "upload photo.png")
+
+
+def test_small_upload_jpeg_is_decoded_at_full_size():
+    data = image_bytes(make_image(300, seed=2), "jpg")
+    image = UploadDecoder(max_pixels=UPLOAD_LIMIT, concurrency=1, min_side=200)(data, "upload p.jpg")
+    assert image.size == (300, 300)
+
+
+def test_uploads_wait_for_a_decode_slot_then_are_refused_as_busy():
+    data = image_bytes(make_image(32), "png")
+    decoder = UploadDecoder(max_pixels=UPLOAD_LIMIT, concurrency=1, wait_s=0.01)
+    with decoder.slot(), pytest.raises(ServerBusy, match="decoding other uploads"):
+        decoder(data, "upload a.png")
+    assert decoder(data, "upload a.png").size == (32, 32)  # the slot is free again

@@ -293,11 +293,12 @@ def test_status_fields(engine, indexed):
     assert status["sources"][0]["tiles"] == len(indexed.ids)
 
 
-def test_facets_list_filter_values(engine):
+def test_facets_list_filter_values_with_counts(engine, indexed):
     facets = engine.facets()
-    assert facets["cases"] == ["C1", "C2"]
-    assert facets["slides"] == ["C1-S1", "C1-S2", "C2-S1", "C2-S2"]
-    assert facets["meta"]["organ"] == ["breast", "colon"]
+    assert sorted(v["value"] for v in facets["cases"]["values"]) == ["C1", "C2"]
+    assert sorted(v["value"] for v in facets["slides"]["values"]) == ["C1-S1", "C1-S2", "C2-S1", "C2-S2"]
+    organs = {v["value"]: v["count"] for v in facets["meta"]["organ"]["values"]}
+    assert sorted(organs) == ["breast", "colon"] and sum(organs.values()) == len(indexed.ids)
 
 
 def test_warm_up_loads_the_model_and_index_or_says_what_is_missing(indexed, tiny_settings):

@@ -292,6 +292,11 @@ def test_an_uploaded_image_permalink_survives_a_restart(indexed, tiny_encoder):
     restarted = _engine(indexed, tiny_encoder)  # a new process: nothing in memory
     assert restarted.search_image(ref, k=3)["results"][0]["tile_id"] == indexed.ids["C2/C2-S1/t0.png"]
     assert restarted.describe(image=ref, k=2)["results"]
+    # The patch the result pages show (/images/uploads/{ref}.jpg) is made again from the kept upload.
+    shown = restarted.upload_preview(ref)
+    assert (shown["width"], shown["height"]) == image.size and shown["jpeg"][:2] == b"\xff\xd8"
+    query = restarted.search_image(ref, k=1)["query"]
+    assert (query["width"], query["height"]) == image.size
 
 
 def test_kept_uploads_are_capped_oldest_first(indexed, tiny_encoder):

@@ -57,7 +57,7 @@ def test_index_unavailable_is_503(tiny_settings, tiny_encoder):
 
 
 def test_unauthorized_is_401(tiny_settings, tiny_encoder):
-    settings = tiny_settings.model_copy(update={"auth_token": "t0ken"})
+    settings = tiny_settings.model_copy(update={"auth_token": "t0ken" * 4})
     client = TestClient(create_app(settings, Engine(settings, encoder=tiny_encoder)))
     assert_error_shape(client.get("/api/status"), 401, "unauthorized")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +136,8 @@ def test_a_second_run_reuses_the_cached_embeddings(cli, labelled, monkeypatch, t
     # Without --quiet a progress bar counts the images on stderr while they are embedded.
     assert main(["eval", "tiles", str(labelled), "--no-save", *tiny_model_args]) == 0
     out = capsys.readouterr()
-    assert "embedding" in out.err and "48/48" in out.err and "Acc@1" in out.out
+    # The bar refreshes at most every 0.1 s and is cleared at the end, so under load its last count may be any n/48.
+    assert "embedding" in out.err and re.search(r"\b\d+/48\b", out.err) and "Acc@1" in out.out
 
     def refuse(*args, **kwargs):
         raise AssertionError("embedded again")

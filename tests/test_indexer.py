@@ -89,6 +89,9 @@ def test_zip_tar_and_webdataset_in_one_run(indexer, tmp_path):
     report = indexer.run([tmp_path / "a.zip", tmp_path / "b.tar.gz", tmp_path / "shard-000.tar"])
     assert [s.new for s in report.sources] == [6, 6, 5]
     assert [s.kind for s in report.sources] == ["zip", "tar", "tar"]
+    # The job counts the whole run, not its last source.
+    job = indexer.store.last_job()
+    assert (job["done"], job["errors"]) == (17, 0)
     tiles = _tiles(indexer.store)
     assert len(indexer.store.tile_ids_matching()) == 17
     sample = next(t for t in tiles.values() if t["locator"].startswith(keys[3]))
@@ -186,6 +189,11 @@ def test_bad_files_are_recorded_and_skipped(indexer, tiny_settings, tmp_path):
     make_hostile_zip(tmp_path / "hostile.zip")
     report = indexer.run([root, tmp_path / "hostile.zip"])
     assert report.sources[0].new == 3 and report.sources[1].new == 1
+    # Per-run counts add up: files read well + files refused = files seen, and each refusal is on record.
+    job = indexer.store.last_job()
+    assert report.errors >= 3 + 4 and job["errors"] == report.errors
+    assert job["done"] == 4
+    assert indexer.store.count_errors(job["id"]) == report.errors
     errors = {e["path"]: e["reason"] for e in indexer.store.recent_errors(50)}
     # A folder's file by its own path, an archive member as archive:member; the reason does not repeat it.
     folder, archive = str(root.resolve()), str((tmp_path / "hostile.zip").resolve())

@@ -115,6 +115,9 @@ def test_errors_and_meta(db: Store, src: int) -> None:
     recent = db.recent_errors(limit=2)
     assert [e["path"] for e in recent] == ["b.zip", "a/2.png"]
     assert (recent[1]["job_id"], recent[1]["source_id"], recent[1]["reason"]) == (job, src, "cannot decode")
+    # The files one run refused, and how many.
+    assert [e["path"] for e in db.recent_errors(job_id=job)] == ["a/2.png", "a/1.png", "a/0.png"]
+    assert db.count_errors(job) == 3 and db.count_errors(job + 1) == 0
 
     assert db.get_meta("model") is None
     db.set_meta("model", "m1")

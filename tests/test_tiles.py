@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from search.core.errors import NotFound
+from search.core.errors import BadQuery, NotFound
 from search.storage.repository import CHUNK
 from search.storage.schema import Embedding
 from search.storage.store import Store, TileState
@@ -185,17 +185,39 @@ def test_tile_ids_matching_filters(db: Store, catalogue: dict[str, list[int]]) -
     assert match(meta={"Färbung": "HE"}) == [t5]
 
 
-def test_facet_values(db: Store, catalogue: dict[str, list[int]]) -> None:
+def _values(facet: dict) -> list[tuple[str, int]]:
+    return [(v["value"], v["count"]) for v in facet["values"]]
+
+
+def test_facet_values_with_tile_counts(db: Store, catalogue: dict[str, list[int]]) -> None:
     facets = db.facet_values()
-    assert facets == {
-        "sources": ["/archive/a", "/archive/b.zip"],
-        "slides": ["S1", "S2", "S3"],
-        "cases": ["C1", "C2"],
-        "meta": {"Färbung": ["HE"], 'rater "A"': ["yes"], "stain": ["HE", "IHC"], "year": ["2020", "2021"]},
-    }
+    a, b = catalogue["a"][0], catalogue["b"][0]
+    assert facets["sources"]["values"] == [
+        {"value": str(b), "count": 3, "label": "/archive/b.zip"},
+        {"value": str(a), "count": 2, "label": "/archive/a"},
+    ]
+    assert _values(facets["slides"]) == [("S1", 2), ("S2", 1), ("S3", 1)]
+    assert _values(facets["cases"]) == [("C1", 2), ("C2", 1)]
+    assert sorted(facets["meta"]) == ["Färbung", 'rater "A"', "stain", "year"]
+    assert _values(facets["meta"]["stain"]) == [("HE", 3), ("IHC", 1)]
+    # Counts add up to the tiles that carry the field.
+    assert sum(n for _, n in _values(facets["meta"]["stain"])) == 4
+
+
+def test_facet_values_say_when_they_are_cut(db: Store, catalogue: dict[str, list[int]]) -> None:
     limited = db.facet_values(limit=1)
-    assert limited["slides"] == ["S1"]
-    assert limited["meta"]["stain"] == ["HE"] and limited["meta"]["year"] == ["2020"]
+    assert _values(limited["slides"]) == [("S1", 2)] and limited["slides"]["distinct"] == 3
+    assert _values(limited["meta"]["stain"]) == [("HE", 3)] and limited["meta"]["stain"]["distinct"] == 2
+    assert len(db.facet_values(max_keys=2)["meta"]) == 2
+
+
+def test_facet_typeahead_by_substring(db: Store, catalogue: dict[str, list[int]]) -> None:
+    assert _values(db.facet("slide", "s3")) == [("S3", 1)]
+    assert _values(db.facet("meta.stain", "ih")) == [("IHC", 1)]
+    assert db.facet("source", "b.zip")["values"][0]["label"] == "/archive/b.zip"
+    assert db.facet("case", "nothing like it") == {"values": [], "distinct": 0}
+    with pytest.raises(BadQuery, match="no filter field 'organ'"):
+        db.facet("organ")
 
 
 def test_counts(db: Store, catalogue: dict[str, list[int]]) -> None:

@@ -12,9 +12,11 @@ from PIL import Image
 
 from search.engine.engine import Engine
 from search.engine.filters import Filters
+from tests.archives import bomb_png
 from tests.index_fixture import HOSTILE, build_index
 from webui import server
 from webui.app import create_app
+from webui.privacy import redact_paths
 
 
 @pytest.fixture
@@ -63,7 +65,9 @@ def _twin(api_answer: dict, engine_answer: dict) -> list[tuple[str, str, int]]:
     assert _unlinked(api_answer, links) == engine_answer
     expected = {"url": "/tiles/{}", "thumbnail_url": "/images/thumbs/{}.jpg", "image_url": "/images/tiles/{}.jpg"}
     for key, url, tile_id in links:
-        assert url == expected[key].format(tile_id)
+        # Image URLs name their content (?v=), so a rebuilt index never shows a stale cached image.
+        bare, _, version = url.partition("?v=")
+        assert bare == expected[key].format(tile_id) and (bool(version) == (key != "url"))
     assert not [key for key, _, _ in links if key not in expected]
     linked = {tile_id for key, _, tile_id in links if key == "url"}
     assert linked == {tile_id for key, _, tile_id in links if key == "thumbnail_url"}
@@ -85,7 +89,7 @@ def test_search_page_and_its_json_twin(client, engine):
     assert _tile_ids(page.text) == [r["tile_id"] for r in api.json()["results"]]
     for r in api.json()["results"]:
         assert f'href="/similar/{r["tile_id"]}"' in page.text
-        assert f'href="/tiles/{r["tile_id"]}"' in page.text
+        assert f'href="/tiles/{r["tile_id"]}?back=' in page.text
     # Text search is a plain GET form: it works with JavaScript off.
     assert re.search(r'<form[^>]*method="get" action="/"', page.text) and 'name="q"' in page.text
 
@@ -125,12 +129,12 @@ def test_tile_page_and_twins(client, engine, indexed):
     page = client.get(f"/tiles/{tile_id}")
     assert page.status_code == 200
     tile = client.get(f"/api/tiles/{tile_id}").json()
-    links = _twin(tile, engine.tile(tile_id))
-    assert ("image_url", f"/images/tiles/{tile_id}.jpg", tile_id) in links
+    links = _twin(tile, redact_paths(engine.tile(tile_id)))
+    assert ("image_url", f"/images/tiles/{tile_id}.jpg", tile_id) in [(k, u.split("?")[0], i) for k, u, i in links]
     assert {n["tile_id"] for n in tile["neighbours"]} | {tile_id} == {i for key, _, i in links if key == "url"}
     describe = client.get(f"/api/tiles/{tile_id}/describe", params={"k": 4}).json()
     assert describe == engine.describe(tile_id=tile_id, k=4)
-    assert f'src="/images/tiles/{tile_id}.jpg"' in page.text
+    assert f'src="/images/tiles/{tile_id}.jpg?v=' in page.text
     assert page.text.count("/images/thumbs/") == 9  # the 3 x 3 neighbourhood
     for text in engine.describe(tile_id=tile_id, k=3)["results"]:
         assert text["text"] in page.text.replace("&lt;", "<").replace("&gt;", ">").replace("&#39;", "'")
@@ -141,7 +145,7 @@ def test_tile_page_and_twins(client, engine, indexed):
 def test_status_page_and_twin(client, engine):
     page = client.get("/status")
     assert page.status_code == 200
-    assert client.get("/api/status").json() == engine.status()
+    assert client.get("/api/status").json() == redact_paths(engine.status())
     assert "flat" in page.text and "conch_tiny" in page.text
 
 
@@ -191,7 +195,10 @@ def test_filters_are_get_parameters(client, engine):
     _twin(api.json(), engine.search_text("gland", k=50, filters=Filters(case="C2", meta={"organ": "colon"})))
     assert {r["case"] for r in api.json()["results"]} == {"C2"}
     page = client.get("/", params={"q": "gland", "case": "C2"}).text
-    assert '<option value="C2" selected>' in page
+    assert re.search(r'<option value="C2" selected>C2 · \d+</option>', page)
+    # A filter left at "any" is not carried in the URL: the page redirects to the URL without it.
+    empty = client.get("/", params={"q": "gland", "case": "", "slide": ""}, follow_redirects=False)
+    assert empty.status_code == 303 and empty.headers["location"] == "/?q=gland"
 
 
 def test_paging_links(client, engine):
@@ -206,11 +213,17 @@ def test_paging_links(client, engine):
     assert 'rel="next"' not in last and len(_tile_ids(last)) == 6
 
 
-def test_images_by_id_with_cache_headers(client, indexed):
+def test_images_by_id_with_cache_headers(client, engine, indexed):
     tile_id = indexed.ids["C1/C1-S2/t3.png"]
+    # The URL the pages link names the content: cached for good. A bare id is revalidated each time.
+    versioned = client.get(f"/api/tiles/{tile_id}").json()["thumbnail_url"]
+    assert versioned.startswith(f"/images/thumbs/{tile_id}.jpg?v=")
+    cached = client.get(versioned)
+    assert "immutable" in cached.headers["cache-control"] and "max-age=31536000" in cached.headers["cache-control"]
     thumb = client.get(f"/images/thumbs/{tile_id}.jpg")
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
-    assert "immutable" in thumb.headers["cache-control"] and "max-age=31536000" in thumb.headers["cache-control"]
+    assert "no-cache" in thumb.headers["cache-control"] and thumb.content == cached.content
+    assert client.get(f"/images/thumbs/{tile_id}.jpg?v=stale").headers["cache-control"].endswith("no-cache")
     assert Image.open(io.BytesIO(thumb.content)).format == "JPEG"
     etag = thumb.headers["etag"]
     again = client.get(f"/images/thumbs/{tile_id}.jpg", headers={"If-None-Match": etag})
@@ -226,14 +239,17 @@ def test_images_by_id_with_cache_headers(client, indexed):
 @pytest.mark.parametrize(
     ("payload", "status", "code", "words"),
     [
-        (b"\x89PNG" + b"0" * 5000, 413, "too_large", "max_upload_bytes"),  # over the file limit, within the body's
+        (b"\x89PNG" + b"0" * 25_000, 413, "too_large", "max_upload_bytes"),  # over the file limit, within the body's
         (b"0" * 200_000, 413, "too_large", "max_upload_bytes"),  # refused before the route reads it
         (b"hello, not an image", 422, "bad_input", "not a JPEG, PNG, TIFF or WebP"),
-        (_png((100, 100)), 422, "bad_input", "too many pixels"),
+        (_png((100, 100)), 422, "bad_input", "too many pixels (limit 4096, setting max_upload_pixels)"),
+        # 12 kB claiming the archive limit of 100 Mpx: refused from its header, far below max_image_pixels.
+        (bomb_png(10_000, 10_000), 422, "bad_input", "10000x10000 is too many pixels"),
     ],
 )
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_upload_limits(indexed, tiny_encoder, payload, status, code, words):
-    client, _ = _client(indexed, tiny_encoder, max_upload_bytes=4000, max_image_pixels=64 * 64)
+    client, _ = _client(indexed, tiny_encoder, max_upload_bytes=20_000, max_upload_pixels=64 * 64)
     response = client.post("/api/search/image", files={"image": ("upload.png", payload, "image/png")})
     assert response.status_code == status
     error = response.json()["error"]
@@ -274,13 +290,13 @@ def test_auth_token_off_needs_nothing(client):
 
 
 def test_auth_token_on(indexed, tiny_encoder):
-    client, _ = _client(indexed, tiny_encoder, auth_token="s3cret-token")
+    client, _ = _client(indexed, tiny_encoder, auth_token="s3cret-token-16chars")
     tile_id = indexed.ids["C1/C1-S2/t0.png"]
     denied = client.get("/api/status")
     assert denied.status_code == 401 and denied.json()["error"]["code"] == "unauthorized"
     assert denied.headers["www-authenticate"] == "Bearer"
     assert client.get("/api/status", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert client.get("/api/status", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
+    assert client.get("/api/status", headers={"Authorization": "Bearer s3cret-token-16chars"}).status_code == 200
     assert client.get(f"/images/thumbs/{tile_id}.jpg").status_code == 401
     upload = client.post("/api/search/image", files={"image": ("q.png", _png(), "image/png")})
     assert upload.status_code == 401
@@ -290,14 +306,19 @@ def test_auth_token_on(indexed, tiny_encoder):
     assert client.get("/static/style.css").status_code == 200
     wrong = client.post("/login", data={"token": "nope", "next": "/"}, follow_redirects=False)
     assert wrong.status_code == 401 and "histosearch_session" not in wrong.cookies
-    right = client.post("/login", data={"token": "s3cret-token", "next": "/status"}, follow_redirects=False)
+    right = client.post("/login", data={"token": "s3cret-token-16chars", "next": "/status"}, follow_redirects=False)
     assert right.status_code == 303 and right.headers["location"] == "/status"
-    assert "s3cret-token" not in right.headers["set-cookie"]
+    assert "s3cret-token-16chars" not in right.headers["set-cookie"]
     assert client.get("/").status_code == 200  # the cookie now opens pages
     assert client.get(f"/images/thumbs/{tile_id}.jpg").status_code == 200
-    offsite = client.post("/login", data={"token": "s3cret-token", "next": "//evil.example/"}, follow_redirects=False)
+    offsite = client.post(
+        "/login",
+        data={"token": "s3cret-token-16chars", "next": "//evil.example/"},
+        headers={"Origin": "http://testserver"},
+        follow_redirects=False,
+    )
     assert offsite.headers["location"] == "/"
-    client.post("/logout")
+    client.post("/logout", headers={"Origin": "http://testserver"})
     assert client.get("/", follow_redirects=False).status_code == 303
 
 
@@ -383,8 +404,15 @@ def test_serve_binds_loopback_by_default(indexed, monkeypatch, capsys):
     assert "warning" not in capsys.readouterr().err
     server.serve(indexed.settings.model_copy(update={"host": "0.0.0.0"}))
     assert "without an access token" in capsys.readouterr().err
-    server.serve(indexed.settings.model_copy(update={"host": "0.0.0.0", "auth_token": "t"}))
+    server.serve(indexed.settings.model_copy(update={"host": "0.0.0.0", "auth_token": "t" * 16}))
     assert "warning" not in capsys.readouterr().err
+    # On all addresses with only the loopback names allowed, people's requests by name would get 400: say so.
+    loopback_only = {"host": "0.0.0.0", "auth_token": "t" * 16, "allowed_hosts": ["localhost", "127.0.0.1"]}
+    server.serve(indexed.settings.model_copy(update=loopback_only))
+    assert "HISTOSEARCH_ALLOWED_HOSTS" in capsys.readouterr().err
+    named = {**loopback_only, "allowed_hosts": ["search.lab.example"]}
+    server.serve(indexed.settings.model_copy(update=named))
+    assert "HISTOSEARCH_ALLOWED_HOSTS" not in capsys.readouterr().err
 
 
 def test_serve_leaves_no_warm_up_thread_behind(indexed, monkeypatch):
@@ -396,3 +424,66 @@ def test_serve_leaves_no_warm_up_thread_behind(indexed, monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
     server.serve(indexed.settings)
     assert [t.name for t in threading.enumerate() if t.name == "histosearch-warm-up"] == []
+
+
+def test_uploaded_patch_is_shown_with_its_size(client, indexed):
+    data = (indexed.folder / "C2/C2-S2/t4.png").read_bytes()
+    answer = client.post("/api/search/image", files={"image": ("q.png", data, "image/png")}).json()
+    query = answer["query"]
+    assert (query["width"], query["height"]) == (64, 64)
+    patch = client.get(f"/images/uploads/{query['image']}.jpg")
+    assert patch.status_code == 200 and Image.open(io.BytesIO(patch.content)).size == (64, 64)
+    page = client.get("/", params={"image": query["image"]}).text
+    assert f'src="/images/uploads/{query["image"]}.jpg"' in page and "64 × 64 px" in page
+    cases = client.get("/cases", params={"image": query["image"]}).text
+    assert f'src="/images/uploads/{query["image"]}.jpg"' in cases
+    assert client.get("/images/uploads/0123456789abcdef0123.jpg").status_code == 404
+
+
+def test_facets_api_counts_and_hides_server_paths(client, indexed):
+    slides = client.get("/api/facets/slide", params={"prefix": "c2"}).json()
+    assert {v["value"] for v in slides["values"]} == {"C2-S1", "C2-S2"} and slides["distinct"] == 2
+    assert sum(v["count"] for v in slides["values"]) == sum(p.startswith("C2/") for p in indexed.ids)
+    sources = client.get("/api/facets/source").json()
+    assert sources["values"][0]["label"] == "tiles" and str(indexed.folder) not in str(sources)
+    assert client.get("/api/facets/organ").json()["error"]["code"] == "bad_query"
+
+
+def test_score_labels_are_relative_and_never_negative(client):
+    page = client.get("/", params={"q": "gland"}).text
+    shares = [int(x) for x in re.findall(r"(\d+)% of the best match", page)]
+    assert shares[0] == 100 and all(0 <= s <= 100 for s in shares) and shares == sorted(shares, reverse=True)
+    cases = client.get("/cases", params={"q": "gland"}).text
+    assert not re.search(r"<figcaption>-", cases) and "% of the best case" in cases
+
+
+def test_query_errors_are_inline_with_the_query_kept(client):
+    page = client.get("/", params={"q": "cribriform glands", "k": 10_000})
+    assert page.status_code == 400
+    assert 'class="inline-error"' in page.text and 'value="cribriform glands"' in page.text
+    assert "max_k" in page.text and "data-image-form" in page.text
+    bad = client.post("/search/image", files={"image": ("q.txt", b"not an image", "text/plain")})
+    assert bad.status_code == 422 and "That image cannot be used" in bad.text and 'role="search"' in bad.text
+
+
+def test_status_shows_per_run_counts_and_refused_files(client, engine):
+    store = engine.store
+    job = store.start_job("index", {"paths": []})
+    store.record_error("case9/broken.png", "corrupt or truncated image", job_id=job)
+    store.record_error("case9/huge.png", "40000x40000 is too many pixels", job_id=job)
+    store.update_job(job, done=172, total=174, errors=2)
+    store.finish_job(job, "done", "…/tiles (folder): 172 new, 2 errors")
+    status = client.get("/api/status").json()["last_job"]
+    assert (status["total"], status["done"], status["errors"], status["refused_total"]) == (174, 172, 2, 2)
+    page = client.get("/status").text
+    assert re.search(r'data-count="seen">174<.*data-count="done">172<.*data-count="refused">2<', page, re.S)
+    assert "case9/huge.png" in page and "too many pixels" in page
+
+
+def test_tile_page_links_back_and_filters(client, indexed):
+    tile_id = indexed.ids["C1/C1-S1/tile_1_1.png"]
+    page = client.get(f"/tiles/{tile_id}", params={"back": "/?q=gland&case=C1"}).text
+    assert 'href="/?q=gland&amp;case=C1" rel="prev"' in page
+    assert f'href="/similar/{tile_id}?case=C1"' in page and f'href="/similar/{tile_id}?slide=C1-S1"' in page
+    offsite = client.get(f"/tiles/{tile_id}", params={"back": "//evil.example/"}).text
+    assert "evil.example" not in offsite

@@ -37,7 +37,7 @@ def _run(value: float) -> dict:
 def test_eval_pages_json_twins_and_status(tmp_path):
     settings = load_settings(data_dir=tmp_path)
     store = Store(settings.db_url)
-    empty = TestClient(create_app(settings))
+    empty = TestClient(create_app(settings), base_url="http://localhost")
     assert "No runs yet" in empty.get("/eval").text
     assert empty.get("/api/eval/runs").json() == []
     missing = empty.get("/api/eval/runs/1")
@@ -45,7 +45,7 @@ def test_eval_pages_json_twins_and_status(tmp_path):
 
     first = store.add_eval_run(_run(0.7))
     second = store.add_eval_run(_run(0.8))
-    client = TestClient(create_app(settings))
+    client = TestClient(create_app(settings), base_url="http://localhost")
     listing = client.get("/eval").text
     assert f'href="/eval/{second}"' in listing and "Acc@1 0.800" in listing and "ivf nprobe 16" in listing
     latest = client.get("/api/eval/runs", params={"limit": 1}).json()

@@ -97,11 +97,11 @@ def test_upload_keeps_options_and_the_image_page_describes_it(client, indexed):
     assert answer.status_code == 303 and "tta=1" in location and "magnification=20" in location
     page = client.get(location).text
     ref = location.split("image=")[1].split("&")[0]
-    assert f'src="/images/uploads/{ref}.png"' in page and "Looks like:" in page
+    assert f'src="/images/uploads/{ref}.jpg"' in page and "Looks like:" in page
     assert 'name="plus"' in page and 'name="minus"' in page and 'name="tta" value="1" checked' in page
-    kept = client.get(f"/images/uploads/{ref}.png")
-    assert kept.status_code == 200 and kept.headers["content-type"] == "image/png"
-    assert client.get("/images/uploads/0123456789abcdef0123.png").status_code == 404
+    kept = client.get(f"/images/uploads/{ref}.jpg")
+    assert kept.status_code == 200 and kept.headers["content-type"] == "image/jpeg"
+    assert client.get("/images/uploads/0123456789abcdef0123.jpg").status_code == 404
     described = client.get("/api/describe", params={"image": ref, "k": 3}).json()
     assert described["query"]["image"] == ref and len(described["results"]) == 3
     posted = client.post("/api/describe/image", files={"image": ("q.png", _png(path), "image/png")}, data={"k": "2"})

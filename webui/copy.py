@@ -8,3 +8,6 @@ EXAMPLE_QUERIES = (
     "mitotic figures in sheets of pleomorphic cells",
     "normal colonic mucosa with goblet cells",
 )
+
+# What the upload form accepts (search/archives/decode.py opens only these).
+UPLOAD_FORMATS = "JPEG, PNG, TIFF or WebP"

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, File, Request, UploadFile
+from fastapi import Depends, File, Path, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
-from search.archives.decode import decode_image
 from search.core.errors import PayloadTooLarge
 from search.core.settings import Settings
 from search.engine.engine import Engine
@@ -57,7 +56,7 @@ async def get_uploaded_image(
     request: Request,
     image: Annotated[UploadFile, File(description="the query image: JPEG, PNG, TIFF or WebP")],
 ) -> Image.Image:
-    """The uploaded image, decoded only after its size and pixel count pass the server's limits."""
+    """The uploaded image, decoded only after its size and pixel count pass the upload limits."""
     settings = get_settings(request)
     data = await image.read(settings.max_upload_bytes + 1)
     name = image.filename or "image"
@@ -66,8 +65,14 @@ async def get_uploaded_image(
             f"upload {name}: larger than {settings.max_upload_bytes} bytes (setting max_upload_bytes); "
             "send a smaller crop of the region of interest"
         )
-    return await run_in_threadpool(decode_image, data, f"upload {name}", settings.max_image_pixels)
+    return await run_in_threadpool(request.app.state.upload_decoder, data, f"upload {name}")
 
+
+# Ids are SQLite's signed 64-bit integers: a larger number names no tile (and would overflow the query).
+MAX_ID = 2**63 - 1
+TileId = Annotated[int, Path(ge=0, le=MAX_ID, description="a tile id")]
+TileQuery = Annotated[int | None, Query(ge=0, le=MAX_ID, description="an indexed tile id")]
+RunId = Annotated[int, Path(ge=0, le=MAX_ID, description="an evaluation run id")]
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

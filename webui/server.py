@@ -7,7 +7,7 @@ import logging
 import sys
 import threading
 
-from search.core.settings import Settings
+from search.core.settings import LOOPBACK_HOSTS, Settings
 
 from .app import create_app
 
@@ -31,6 +31,12 @@ def serve(settings: Settings) -> None:
         print(
             f"histosearch: warning: serving on {settings.host} without an access token: anyone who can reach "
             "this port can search the archive; set HISTOSEARCH_AUTH_TOKEN",
+            file=sys.stderr,
+        )
+    if settings.host in ("0.0.0.0", "::") and set(settings.allowed_hosts) <= set(LOOPBACK_HOSTS):
+        print(
+            f"histosearch: note: serving on {settings.host}, but only the host names {', '.join(LOOPBACK_HOSTS)} "
+            "are answered; list the names people use in HISTOSEARCH_ALLOWED_HOSTS",
             file=sys.stderr,
         )
     app = create_app(settings)

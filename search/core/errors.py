@@ -60,6 +60,13 @@ class Unauthorized(HistosearchError):
     code = "unauthorized"
 
 
+class Forbidden(HistosearchError):
+    """Refused whoever asks, e.g. a form posted from another site's page."""
+
+    status = 403
+    code = "forbidden"
+
+
 class NotFound(HistosearchError):
     status = 404
     code = "not_found"
@@ -68,6 +75,13 @@ class NotFound(HistosearchError):
 class IndexUnavailable(HistosearchError):
     status = 503
     code = "index_unavailable"
+
+
+class ServerBusy(HistosearchError):
+    """Every slot for a bounded piece of work (decoding uploads) is taken: retry shortly."""
+
+    status = 503
+    code = "busy"
 
 
 class IndexBusy(HistosearchError):

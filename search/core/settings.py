@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -31,6 +32,9 @@ CONCH_TOKENIZER_URL = (
     "conch/open_clip_custom/tokenizers/conch_byte_level_bpe_uncased.json"
 )
 CONCH_TOKENIZER_SHA256 = "a3861e67c64d32670eb6725a8e52d7dbdd2a06646a4a3c7463052ae7110760fb"
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+MIN_TOKEN_CHARS = 16
 
 
 class Settings(BaseSettings):
@@ -116,9 +120,49 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     auth_token: str | None = None
+    # Host header values the server answers (DNS rebinding): loopback names, plus `host` when it is one address.
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(LOOPBACK_HOSTS))
+    # Lifetime of a login session; logging out ends it sooner.
+    session_max_age_s: int = Field(7 * 24 * 3600, ge=60)
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    # An upload is one query patch: its own pixel limit, far below max_image_pixels (4096 x 4096; a larger
+    # JPEG is decoded at a reduced scale when that fits), and at most max_upload_decodes decoding at once.
+    max_upload_pixels: int = Field(4096 * 4096, ge=1)
+    max_upload_decodes: int = Field(2, ge=1, le=64)
     max_query_chars: int = Field(500, ge=1)
     max_k: int = Field(500, ge=1)
+    # Metadata fields shown on result cards, in order (comma-separated); empty: each tile's first three.
+    # The others are on the card's hover, in the quick view and on the tile page.
+    card_fields: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("auth_token")
+    @classmethod
+    def _auth_token(cls, v: str | None) -> str | None:
+        # An empty token used to switch authentication off while the page offered "Log out".
+        if v is not None and len(v.strip()) < MIN_TOKEN_CHARS:
+            raise ValueError(
+                f"an access token needs at least {MIN_TOKEN_CHARS} characters (e.g. `openssl rand -hex 16`); "
+                "leave the setting out to serve without one"
+            )
+        return v
+
+    @field_validator("allowed_hosts", "card_fields", mode="before")
+    @classmethod
+    def _split_commas(cls, v: object) -> object:
+        return [part.strip() for part in v.split(",") if part.strip()] if isinstance(v, str) else v
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _allowed_hosts(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one host name (the default is the loopback names)")
+        for host in v:
+            if "*" in host[1:] or (host.startswith("*") and host != "*" and not host.startswith("*.")):
+                raise ValueError(f"{host!r}: a wildcard must be '*' or lead a domain, as in '*.example.org'")
+            bracketed = host.startswith("[") and host.endswith("]")
+            if "/" in host or (":" in host and not bracketed):
+                raise ValueError(f"{host!r}: give a host name without scheme, port or path ([::1] for IPv6)")
+        return [host.lower() for host in v]
 
     @field_validator("device")
     @classmethod

@@ -36,6 +36,9 @@ from .results import ResultPages
 from .slides import SlideSearch
 from .tiles import TileImages, get_tile
 
+# Refused files of the last run listed on /status (all are counted).
+REFUSED_SHOWN = 50
+
 
 class Engine:
     def __init__(self, settings: Settings, store: Store | None = None, encoder: Encoder | None = None) -> None:
@@ -97,6 +100,10 @@ class Engine:
         that later GET requests (paging, cases, describe, a permalink after a restart) can name it."""
         return self.queries.image_ref(image, tta)
 
+    def upload_preview(self, ref: str) -> dict:
+        """The image uploaded under ``ref``: its size and a small JPEG to show beside its results."""
+        return self.queries.preview(ref)
+
     def cases(
         self,
         *,
@@ -157,10 +164,21 @@ class Engine:
         out = hit(tile)
         out.update(source_kind=tile["source"]["kind"], locator=tile["locator"], created_at=tile["created_at"])
         out["neighbours"] = [
-            {"tile_id": n["id"], "dx": n["dx"], "dy": n["dy"], "x": n["x"], "y": n["y"]}
+            {
+                "tile_id": n["id"],
+                "dx": n["dx"],
+                "dy": n["dy"],
+                "x": n["x"],
+                "y": n["y"],
+                "content_hash": n["content_hash"],
+            }
             for n in self.store.neighbours(tile_id)
         ]
         return out
+
+    def tile_hash(self, tile_id: int) -> str:
+        """The sha256 of the tile's content (what its image URLs and ETags name)."""
+        return get_tile(self.store, tile_id)["content_hash"]
 
     def tile_bytes(self, tile_id: int, thumbnail: bool = False) -> tuple[bytes, str]:
         """(image bytes, content type) of a tile, re-read from its archive; thumbnails are 192 px JPEGs."""
@@ -180,6 +198,11 @@ class Engine:
         if running is not None:
             running["progress"] = running["done"] / running["total"] if running["total"] else None
         encoder = self.queries.loaded_encoder
+        last = self.store.last_job()
+        if last is not None:
+            # The files this run refused and why: its counts add up as done + refused = files seen.
+            last["refused"] = self.store.recent_errors(limit=REFUSED_SHOWN, job_id=last["id"])
+            last["refused_total"] = self.store.count_errors(last["id"])
         return {
             "counts": self.store.counts(),
             "model": {
@@ -188,6 +211,7 @@ class Engine:
                 "image_size": cfg.vision_cfg.image_size,
                 "loaded": encoder is not None,
                 "fingerprint": encoder.fingerprint if encoder is not None else None,
+                "error": self.queries.load_error,
             },
             "device": device,
             "index": None
@@ -204,12 +228,21 @@ class Engine:
             # The index on disk checked against the build the database records (pointer, file, checksum).
             "index_problem": self.index_directory.problem(build),
             "slide_vectors": self.slides.kinds(),
-            "last_job": self.store.last_job(),
+            "last_job": last,
             "running_job": running,
             "recent_errors": self.store.recent_errors(),
             "sources": self.store.sources(),
             "eval_runs": self.store.eval_runs(limit=5),
         }
+
+    def readiness(self) -> dict:
+        """What stops queries before the first one is sent: ``{"index": bool, "model_error": str | None}``
+        (the model's error is known once it was tried, which ``serve`` does at start)."""
+        return {"index": self.store.live_build() is not None, "model_error": self.queries.load_error}
+
+    def facet(self, field: str, prefix: str = "", limit: int = 50) -> dict:
+        """One filter field's values containing ``prefix``, with tile counts (the filters' typeahead)."""
+        return self.store.facet(field, prefix, limit)
 
     def facets(self) -> dict:
         """Filter values for the UI (sources, slides, cases, meta), cached per live build for a minute."""

@@ -6,6 +6,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from search.core.errors import BadQuery
+
+# Each meta filter is one more JSON scan of every tile: a URL with thousands of them is refused, not run.
+MAX_META_FILTERS = 20
+
 
 @dataclass(frozen=True)
 class Filters:
@@ -31,4 +36,6 @@ def filters_from(params: Mapping[str, Any]) -> Filters:
     """
     text = {key: value for key, value in params.items() if isinstance(value, str) and value}
     meta = {key[5:]: value for key, value in text.items() if key.startswith("meta.") and key[5:]}
+    if len(meta) > MAX_META_FILTERS:
+        raise BadQuery(f"{len(meta)} meta.<key> filters: at most {MAX_META_FILTERS} can be combined")
     return Filters(source=text.get("source"), slide=text.get("slide"), case=text.get("case"), meta=meta)

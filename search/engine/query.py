@@ -9,6 +9,7 @@ be averaged over its eight rotations and flips; any query may be composed with w
 
 from __future__ import annotations
 
+import io
 import threading
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ from PIL import Image
 
 from search.archives.decode import content_hash, decode_image
 from search.conch.encoder import DEFAULT_TEMPLATES, Encoder
-from search.core.errors import BadQuery, IndexUnavailable
+from search.core.errors import BadQuery, HistosearchError, IndexUnavailable, NotFound
 from search.core.settings import Settings
 from search.storage.store import Store
 
@@ -29,6 +30,8 @@ from .tta import dihedral_views
 from .uploads import REF_CHARS, UploadStore
 
 QUERY_CACHE_SIZE = 1024
+# Uploaded patches are kept as small JPEGs to show beside their results (~10 kB each).
+PREVIEW_PX = 192
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,9 @@ class QueryVectors:
         self._image_vectors = LRU(QUERY_CACHE_SIZE)
         self.abbreviations = Abbreviations(settings.abbreviations_file)
         self.uploads = UploadStore(settings.data_dir / "uploads", settings.upload_store_bytes)
+        self._image_previews = LRU(QUERY_CACHE_SIZE)
+        # Why the model could not be loaded, as its error said: for /status and the page banners.
+        self.load_error: str | None = None
 
     @property
     def loaded_encoder(self) -> Encoder | None:
@@ -71,8 +77,25 @@ class QueryVectors:
         if self._encoder is None:
             with self._encoder_lock:
                 if self._encoder is None:
-                    self._encoder = Encoder.from_settings(self.settings)
+                    try:
+                        self._encoder = Encoder.from_settings(self.settings)
+                    except HistosearchError as exc:
+                        self.load_error = exc.message
+                        raise
+                    self.load_error = None
         return self._encoder
+
+    def preview(self, ref: str) -> dict:
+        """An uploaded image kept under ``ref``: ``{"width", "height", "jpeg"}`` (a small JPEG to show)."""
+        found = self._image_previews.get(ref)
+        if found is None:
+            # After a restart (or once evicted from memory) the preview is made again from the kept upload.
+            kept = self.uploads.load(ref)
+            if kept is None:
+                raise NotFound(f"image {ref!r} is not (or no longer) held by this server: upload the image again")
+            found = _preview(kept)
+            self._image_previews.put(ref, found)
+        return found
 
     def query_vector(
         self,
@@ -101,7 +124,14 @@ class QueryVectors:
             build = self.live_build(for_encoder=True)
             use_tta = self.tta_default() if tta is None else tta
             ref, vector = self._image_vector(image, use_tta)
-            query = Query({"image": ref, "tta": use_tta}, vector, build, mpp=mpp)
+            names: dict = {"image": ref, "tta": use_tta}
+            try:
+                shown = self.preview(ref)
+            except NotFound:
+                shown = None
+            if shown is not None:
+                names.update(width=shown["width"], height=shown["height"])
+            query = Query(names, vector, build, mpp=mpp)
         else:
             build = self.live_build()
             tile = get_tile(self.store, tile_id)
@@ -207,6 +237,8 @@ class QueryVectors:
                 else:
                     vector = encoder.encode_uint8(pixels[None])[0]
             self._image_vectors.put((ref, tta), vector)
+        if self._image_previews.get(ref) is None:
+            self._image_previews.put(ref, _preview(image))
         return ref, vector
 
 
@@ -247,3 +279,11 @@ def _words(text: str) -> tuple[str, ...]:
         if word and word not in _STOPWORDS and word not in out:
             out.append(word)
     return tuple(out[:MAX_WORDS])
+
+
+def _preview(image: Image.Image) -> dict:
+    small = image.convert("RGB")
+    small.thumbnail((PREVIEW_PX, PREVIEW_PX))
+    buffer = io.BytesIO()
+    small.save(buffer, "JPEG", quality=85)
+    return {"width": image.width, "height": image.height, "jpeg": buffer.getvalue()}

@@ -75,6 +75,7 @@ def hit(tile: dict, score: float | None = None, rank: int | None = None) -> dict
         height=tile["height"],
         mpp=tile["mpp"],
         meta=tile["meta"],
+        content_hash=tile["content_hash"],
     )
     return out
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 
 from search.core.errors import NotFound
 from search.storage.repository import Repository, iso, utcnow
@@ -47,6 +47,17 @@ def _job_dict(job: Job) -> dict:
 
 def _ended(pid: int | None) -> str:
     return f"process {pid} ended without finishing the job"
+
+
+def _error_dict(error: FileError) -> dict:
+    return {
+        "id": error.id,
+        "job_id": error.job_id,
+        "source_id": error.source_id,
+        "path": error.path,
+        "reason": error.reason,
+        "created_at": iso(error.created_at),
+    }
 
 
 def _build_dict(build: Build) -> dict:
@@ -233,20 +244,18 @@ class JobRepository(Repository):
         with self.session(write=True) as s:
             return s.execute(query).rowcount
 
-    def recent_errors(self, limit: int = 20) -> list[dict]:
-        """The newest file errors first."""
+    def recent_errors(self, limit: int = 20, job_id: int | None = None) -> list[dict]:
+        """The newest file errors first; only those of ``job_id`` when given (the files a run refused)."""
+        stmt = select(FileError).order_by(FileError.id.desc()).limit(limit)
+        if job_id is not None:
+            stmt = stmt.where(FileError.job_id == job_id)
         with self.session() as s:
-            return [
-                {
-                    "id": e.id,
-                    "job_id": e.job_id,
-                    "source_id": e.source_id,
-                    "path": e.path,
-                    "reason": e.reason,
-                    "created_at": iso(e.created_at),
-                }
-                for e in s.scalars(select(FileError).order_by(FileError.id.desc()).limit(limit))
-            ]
+            return [_error_dict(e) for e in s.scalars(stmt)]
+
+    def count_errors(self, job_id: int) -> int:
+        """How many files the job refused."""
+        with self.session() as s:
+            return s.scalar(select(func.count()).select_from(FileError).where(FileError.job_id == job_id)) or 0
 
     def get_meta(self, key: str) -> str | None:
         with self.session() as s:

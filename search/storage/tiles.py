@@ -24,6 +24,7 @@ class TileState(NamedTuple):
     model_fingerprint: str | None
 
 
+_SCALAR_JSON_TYPES = ("text", "integer", "real", "true", "false")
 TILE_COLUMNS = frozenset(c.name for c in Tile.__table__.columns) - {"id"}
 
 
@@ -266,33 +267,79 @@ class TileRepository(Repository):
                 out.append(item)
             return out
 
-    def facet_values(self, limit: int = 50) -> dict[str, list[str]]:
-        """Values for the UI's filter dropdowns: the first ``limit`` of each, sorted.
+    def facet_values(self, limit: int = 200, max_keys: int = 50) -> dict:
+        """Filter values with their tile counts, most tiles first: at most ``limit`` per field.
 
-        Keys: "sources" (uris), "slides", "cases", and "meta": {key: [values]} over the scalar
-        values of the tiles' meta. The meta part reads every tile, so callers should cache it.
+        ``{"sources": facet, "cases": facet, "slides": facet, "meta": {key: facet}}`` where a facet is
+        ``{"values": [{"value", "count"}], "distinct": n}`` (``distinct`` > len(values) when cut); a
+        source value is its id, with its uri as ``label``. At most ``max_keys`` meta keys, those on the
+        most tiles. The meta part reads every tile, so callers should cache it.
         """
-        je = func.json_each(Tile.meta).table_valued("key", "value", "type")
-        pairs = (
-            select(je.c.key, je.c.value)
+        with self.session() as s:
+            keys = list(s.scalars(self._meta_keys().limit(max_keys)))
+            return {
+                "sources": self._facet(s, "source", "", limit),
+                "cases": self._facet(s, "case", "", limit),
+                "slides": self._facet(s, "slide", "", limit),
+                "meta": {key: self._facet(s, f"meta.{key}", "", limit) for key in sorted(keys)},
+            }
+
+    def facet(self, field: str, prefix: str = "", limit: int = 200) -> dict:
+        """One field's values containing ``prefix`` (case-insensitive), with tile counts: the typeahead.
+
+        ``field`` is ``source``, ``case``, ``slide`` or ``meta.<key>``; the answer is a facet as in
+        :meth:`facet_values`.
+        """
+        if field not in ("source", "case", "slide") and not (field.startswith("meta.") and len(field) > 5):
+            raise BadQuery(f"no filter field {field!r}: use source, case, slide or meta.<column>")
+        with self.session() as s:
+            return self._facet(s, field, prefix, limit)
+
+    @staticmethod
+    def _meta_keys() -> Select[Any]:
+        je = func.json_each(Tile.meta).table_valued("key", "type")
+        return (
+            select(je.c.key)
             .select_from(Tile)
             .join(je, true())
-            .where(je.c.type.in_(["text", "integer", "real", "true", "false"]))
-            .distinct()
-            .subquery()
+            .where(je.c.type.in_(_SCALAR_JSON_TYPES))
+            .group_by(je.c.key)
+            .order_by(func.count().desc(), je.c.key)
         )
-        rank = func.row_number().over(partition_by=pairs.c.key, order_by=pairs.c.value).label("rank")
-        ranked = select(pairs.c.key, pairs.c.value, rank).subquery()
-        meta_stmt = (
-            select(ranked.c.key, ranked.c.value).where(ranked.c.rank <= limit).order_by(ranked.c.key, ranked.c.rank)
-        )
-        with self.session() as s:
-            meta: dict[str, list[str]] = {}
-            for key, value in s.execute(meta_stmt):
-                meta.setdefault(key, []).append(str(value))
-            return {
-                "sources": list(s.scalars(select(Source.uri).order_by(Source.uri).limit(limit))),
-                "slides": list(s.scalars(select(Slide.slide_key).order_by(Slide.slide_key).limit(limit))),
-                "cases": list(s.scalars(select(Case.case_key).order_by(Case.case_key).limit(limit))),
-                "meta": meta,
-            }
+
+    @staticmethod
+    def _facet(s: Session, field: str, prefix: str, limit: int) -> dict:
+        count = func.count(Tile.id).label("count")
+        if field == "source":
+            value, label = Source.id, Source.uri
+            stmt = select(value, label, count).join(Tile, Tile.source_id == Source.id).group_by(Source.id)
+            needle = Source.uri
+        elif field in ("case", "slide"):
+            value = Case.case_key if field == "case" else Slide.slide_key
+            stmt = select(value, value, count).select_from(Tile).join(Slide, Tile.slide_id == Slide.id)
+            if field == "case":
+                stmt = stmt.join(Case, Slide.case_id == Case.id)
+            stmt = stmt.group_by(value)
+            needle = value
+        else:
+            je = func.json_each(Tile.meta).table_valued("key", "value", "type")
+            value = cast(je.c.value, String)
+            stmt = (
+                select(value, value, count)
+                .select_from(Tile)
+                .join(je, true())
+                .where(je.c.key == field[5:], je.c.type.in_(_SCALAR_JSON_TYPES))
+                .group_by(value)
+            )
+            needle = value
+        if prefix:
+            stmt = stmt.where(func.instr(func.lower(needle), prefix.lower()) > 0)
+        distinct = s.scalar(select(func.count()).select_from(stmt.subquery())) or 0
+        rows = s.execute(stmt.order_by(count.desc(), needle).limit(limit))
+        values = []
+        for v, shown, n in rows:
+            item = {"value": str(v), "count": n}
+            if field == "source":
+                item["label"] = shown
+            values.append(item)
+        return {"values": values, "distinct": distinct}

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from search.core.errors import BadQuery
 
-from ..deps import EngineDep, FiltersDep, FormFiltersDep, FormOptionsDep, OptionsDep, UploadedImage
-from ..pages import render
-from ..urls import cases_links, filter_params, option_params, url_with
+from ..deps import EngineDep, FiltersDep, FormFiltersDep, FormOptionsDep, OptionsDep, TileQuery, UploadedImage
+from ..pages import query_context, render
+from ..urls import cases_links, clean_url, filter_params, option_params, url_with
 
 router = APIRouter()
 
@@ -29,19 +29,24 @@ def cases_page(
     options: OptionsDep,
     q: str = "",
     image: str = "",
-    tile: int | None = None,
+    tile: TileQuery = None,
     k: CasesK = DEFAULT_CASES,
     top_tiles: TopTiles = 200,
     per_case: PerCase = 3,
-) -> HTMLResponse:
-    context: dict = {"page": "cases", "q": q, "k": k, "filters": filters, "facets": engine.facets(), "result": None}
+) -> Response:
+    if (clean := clean_url(request)) is not None:
+        return RedirectResponse(clean, status_code=303)
+    context = query_context(request, "cases", filters, q, k)
     options = {"top_tiles": top_tiles, "per_case": per_case, "k": k, "filters": filters, "options": options}
     if q.strip():
         context.update(mode="text", result=engine.cases(text=q, **options))
     elif image:
         context.update(mode="image", result=engine.cases(image=image, **options))
+        context["query_image"] = context["result"]["query"]
     elif tile is not None:
-        context.update(mode="similar", result=engine.cases(tile_id=tile, **options), query_tile=tile)
+        context.update(mode="similar", result=engine.cases(tile_id=tile, **options), query_tile=engine.tile(tile))
+    if context["result"] is not None:
+        context["result"] = cases_links(context["result"])
     return render(request, "cases.html", context)
 
 
@@ -65,7 +70,7 @@ def api_cases(
     options: OptionsDep,
     q: Annotated[str | None, Query(description="a morphology description")] = None,
     image: Annotated[str | None, Query(description="the image reference an image query returned")] = None,
-    tile: Annotated[int | None, Query(description="an indexed tile id")] = None,
+    tile: TileQuery = None,
     k: CasesK = DEFAULT_CASES,
     top_tiles: TopTiles = 200,
     per_case: PerCase = 3,

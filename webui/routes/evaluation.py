@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 
 from ..charts import class_bars, confusion_matrix
-from ..deps import EngineDep
+from ..deps import EngineDep, RunId
 from ..pages import render
 from ..urls import eval_run_links
 
@@ -23,7 +23,7 @@ def runs_page(request: Request, engine: EngineDep, limit: Limit = 50) -> HTMLRes
 
 
 @router.get("/eval/{run_id}", response_class=HTMLResponse, include_in_schema=False)
-def run_page(request: Request, engine: EngineDep, run_id: int, metric: str | None = None) -> HTMLResponse:
+def run_page(request: Request, engine: EngineDep, run_id: RunId, metric: str | None = None) -> HTMLResponse:
     run = eval_run_links(engine.store.get_eval_run(run_id))
     report = run["report"]
     per_class = report.get("per_class") or []
@@ -49,6 +49,6 @@ def api_runs(engine: EngineDep, limit: Limit = 50) -> list[dict]:
 
 
 @router.get("/api/eval/runs/{run_id}", tags=["evaluation"])
-def api_run(engine: EngineDep, run_id: int) -> dict:
+def api_run(engine: EngineDep, run_id: RunId) -> dict:
     """One run whole: dataset hash, model, index build, settings, metrics, per-class figures, confusion matrix."""
     return eval_run_links(engine.store.get_eval_run(run_id))

@@ -1,8 +1,10 @@
-"""The login form: the one page open without the access token when ``auth_token`` is set."""
+"""The login form: the one page open without the access token when ``auth_token`` is set.
+
+Logging in starts a session (``sessions.py``): a signed, expiring cookie that logging out ends.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from typing import Annotated
 
@@ -11,22 +13,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from ..deps import SettingsDep
 from ..pages import render
+from ..sessions import session_cookie_name
+from ..urls import safe_next
 
 router = APIRouter(include_in_schema=False)
-
-SESSION_COOKIE = "histosearch_session"
-
-
-def session_value(token: str) -> str:
-    """What the login cookie holds: derived from the token, so the token itself never sits in a cookie."""
-    return hmac.new(token.encode(), b"histosearch web session", hashlib.sha256).hexdigest()
-
-
-def safe_next(target: str) -> str:
-    """Only a path on this server: a login link must not bounce the user to another site."""
-    if not target.startswith("/") or target.startswith("//") or "\\" in target:
-        return "/"
-    return target
 
 
 @router.get("/login", response_class=HTMLResponse)
@@ -45,12 +35,24 @@ def login(
         context = {"page": "login", "next": safe_next(next), "message": "That token is not this server's token."}
         return render(request, "login.html", context, status_code=401)
     response = RedirectResponse(safe_next(next), status_code=303)
-    response.set_cookie(SESSION_COOKIE, session_value(expected), httponly=True, samesite="lax")
+    response.set_cookie(
+        session_cookie_name(settings),
+        request.app.state.sessions.start(),
+        max_age=settings.session_max_age_s,
+        httponly=True,
+        samesite="lax",
+        # Over HTTPS (uvicorn reads X-Forwarded-Proto from a local proxy) the cookie never travels in clear.
+        secure=request.url.scheme == "https",
+    )
     return response
 
 
 @router.post("/logout")
-def logout() -> Response:
+def logout(request: Request, settings: SettingsDep) -> Response:
+    name = session_cookie_name(settings)
+    sessions = request.app.state.sessions
+    if sessions is not None and name in request.cookies:
+        sessions.end(request.cookies[name])
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(SESSION_COOKIE)
+    response.delete_cookie(name, httponly=True, samesite="lax", secure=request.url.scheme == "https")
     return response

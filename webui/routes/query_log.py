@@ -1,14 +1,12 @@
-"""The query log an admin reads (page and JSON twin), and the uploaded query images it and the result
-pages refer to. With an access token set (setting ``auth_token``), only its holders reach either."""
+"""The query log an admin reads (page and JSON twin). With an access token set (setting ``auth_token``),
+only its holders reach it. The uploaded images it names are served by ``/images/uploads/{ref}.jpg``."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse
-
-from search.core.errors import NotFound
+from fastapi.responses import HTMLResponse
 
 from ..deps import EngineDep
 from ..pages import render
@@ -28,11 +26,3 @@ def query_log_page(request: Request, engine: EngineDep, limit: Limit = 100, offs
 def api_query_log(engine: EngineDep, limit: Limit = 100, offset: Offset = 0) -> dict:
     """The newest queries first: text or image hash, filters, options, model, build, time, result count."""
     return engine.query_log(limit, offset)
-
-
-@router.get("/images/uploads/{ref}.png", include_in_schema=False)
-def upload_image(engine: EngineDep, ref: str) -> FileResponse:
-    path = engine.queries.uploads.path(ref)
-    if path is None or not path.is_file():
-        raise NotFound(f"no uploaded image {ref!r} is kept (uploads are dropped oldest first): upload it again")
-    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})

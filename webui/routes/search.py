@@ -15,11 +15,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from search.core.errors import BadQuery, HistosearchError
 from search.engine.engine import Engine
 
-from ..copy import EXAMPLE_QUERIES
-from ..deps import EngineDep, FiltersDep, FormFiltersDep, FormOptionsDep, OptionsDep, UploadedImage
+from ..deps import EngineDep, FiltersDep, FormFiltersDep, FormOptionsDep, OptionsDep, TileId, UploadedImage
 from ..export import csv_response
-from ..pages import DEFAULT_K, render
-from ..urls import filter_params, option_params, page_urls, ranked_links, url_with
+from ..pages import DEFAULT_K, query_context, render
+from ..urls import clean_url, filter_params, option_params, page_urls, ranked_links, url_with
 
 router = APIRouter()
 
@@ -41,26 +40,25 @@ def _describe(engine: Engine, ref: str, tta: bool | None) -> dict:
         return {"results": [], "error": exc.message}
 
 
-def _page(request: Request, engine: EngineDep, context: dict) -> HTMLResponse:
-    context.setdefault("q", "")
-    context.update(
-        page="search",
-        examples=EXAMPLE_QUERIES,
-        facets=engine.facets(),
+def _page(request: Request, engine: EngineDep, filters: FiltersDep, q: str, k: int, context: dict) -> HTMLResponse:
+    page = query_context(request, "search", filters, q, k)
+    page.update(
         tta_default=engine.queries.tta_default(load=False),
         settings_view={
             "min_confidence": engine.settings.min_confidence,
             "max_per_slide": engine.settings.max_per_slide,
         },
+        **context,
     )
-    result = context.get("result")
+    result = page["result"]
     if result is not None:
-        context["prev_url"], context["next_url"] = page_urls(request, result)
+        page["prev_url"], page["next_url"] = page_urls(request, result)
         # The page's own parameters, so the export holds exactly the results shown.
         same = request.url.include_query_params(k=result["k"], offset=result["offset"])
-        context["export_json"] = f"{context['api_path']}?{same.query}"
-        context["export_csv"] = f"{context['api_path']}?{same.include_query_params(format='csv').query}"
-    return render(request, "search.html", context)
+        page["export_json"] = f"{page['api_path']}?{same.query}"
+        page["export_csv"] = f"{page['api_path']}?{same.include_query_params(format='csv').query}"
+        page["result"] = ranked_links(result)
+    return render(request, "search.html", page)
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -73,8 +71,10 @@ def search_page(
     image: str = "",
     k: K = DEFAULT_K,
     offset: Offset = 0,
-) -> HTMLResponse:
-    context: dict = {"q": q, "image": image, "k": k, "filters": filters, "options": options, "result": None}
+) -> Response:
+    if (clean := clean_url(request)) is not None:
+        return RedirectResponse(clean, status_code=303)
+    context: dict = {"image": image, "options": options, "result": None}
     carry = {**filter_params(filters), **option_params(options)}
     if q.strip():
         context["result"] = engine.search_text(q, k, offset, filters, options)
@@ -82,8 +82,9 @@ def search_page(
     elif image:
         context["result"] = engine.search_image(image, k, offset, filters, options)
         context.update(mode="image", api_path="/api/search", cases_url=url_with("/cases", image=image, **carry))
+        context["query_image"] = context["result"]["query"]
         context["describe"] = _describe(engine, image, options.tta)
-    return _page(request, engine, context)
+    return _page(request, engine, filters, q, k, context)
 
 
 @router.post("/search/image", include_in_schema=False)
@@ -106,22 +107,22 @@ def similar_page(
     engine: EngineDep,
     filters: FiltersDep,
     options: OptionsDep,
-    tile_id: int,
+    tile_id: TileId,
     k: K = DEFAULT_K,
     offset: Offset = 0,
-) -> HTMLResponse:
+) -> Response:
+    if (clean := clean_url(request)) is not None:
+        return RedirectResponse(clean, status_code=303)
     carry = {**filter_params(filters), **option_params(options)}
     context = {
-        "k": k,
-        "filters": filters,
         "options": options,
         "mode": "similar",
-        "query_tile": tile_id,
+        "result": engine.similar(tile_id, k, offset, filters, options),
+        "query_tile": engine.tile(tile_id),
         "api_path": f"/api/similar/{tile_id}",
         "cases_url": url_with("/cases", tile=tile_id, **carry),
-        "result": engine.similar(tile_id, k, offset, filters, options),
     }
-    return _page(request, engine, context)
+    return _page(request, engine, filters, "", k, context)
 
 
 @router.get("/api/search", tags=["search"], response_model=None)
@@ -165,7 +166,7 @@ def api_similar(
     engine: EngineDep,
     filters: FiltersDep,
     options: OptionsDep,
-    tile_id: int,
+    tile_id: TileId,
     k: K = DEFAULT_K,
     offset: Offset = 0,
     format: Format = "json",

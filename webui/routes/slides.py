@@ -13,6 +13,7 @@ from search.core.errors import HistosearchError
 from search.engine.slides import COLOUR_STOPS, SlideSearch, colourise
 
 from ..deps import EngineDep, UploadedImage
+from ..errors import IMAGE_RESPONSES
 from ..pages import render
 from ..urls import heatmap_links, slide_links, slide_url, slides_links
 
@@ -115,7 +116,7 @@ def api_heatmap(engine: EngineDep, slide: str, q: HeatText = None, tile: HeatTil
     return heatmap_links(engine.slides.heatmap(slide, **_heatmap_args(q, tile, image)))
 
 
-@router.get("/slides/{slide}/heatmap.png", tags=["slides"])
+@router.get("/slides/{slide}/heatmap.png", tags=["slides"], response_class=Response, responses=IMAGE_RESPONSES)
 def heatmap_png(engine: EngineDep, slide: str, q: HeatText = None, tile: HeatTile = None,
                 image: HeatImage = None) -> Response:  # fmt: skip
     """The heatmap as a PNG, one pixel per tile-grid cell (cols x rows), on the slide's min..max colour
@@ -124,7 +125,7 @@ def heatmap_png(engine: EngineDep, slide: str, q: HeatText = None, tile: HeatTil
     return Response(SlideSearch.heatmap_png(heatmap), media_type="image/png")
 
 
-@router.get("/slides/{slide}/thumbnail.jpg", tags=["slides"])
+@router.get("/slides/{slide}/thumbnail.jpg", tags=["slides"], response_class=Response, responses=IMAGE_RESPONSES)
 async def slide_thumbnail(engine: EngineDep, slide: str) -> Response:
     """The slide at low resolution: its lowest pyramid level, or a mosaic of its tiles."""
     data, content_type = await run_in_threadpool(engine.slides.thumbnail, slide)
