@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from search.core.errors import IndexUnavailable
+from search.core.errors import BuildRejected, IndexUnavailable
 from search.core.settings import Settings
 from search.storage import segmented
+from search.storage.build_checks import CALIBRATION_FILE, check_segmented_build, save_calibration_sample
 from search.storage.index_directory import IndexDirectory
 from search.storage.store import Store
 from search.storage.vectors import TRAIN_POINTS_PER_LIST, TRAIN_SEED, ivf_nlist
@@ -140,6 +141,31 @@ def publish(
             _batches(store, todo.added, fingerprint) if len(todo.added) else None,
             todo.removed,
         )
+    # Checked before it goes live: recall@10 against exact search, and the calibration sample (issue 10).
+    index = segmented.SegmentedIndex.load(
+        folder, settings.device, stored=lambda t, f: store.get_embeddings(t.tolist(), f)
+    )
+    _, text_vectors = store.text_matrix(fingerprint)
+    recall, sample = check_segmented_build(
+        index,
+        store_ids,
+        lambda: _batches(store, store_ids, fingerprint),
+        lambda ids: store.get_embeddings(ids.tolist(), fingerprint),
+        text_vectors,
+        calibration_size=settings.calibration_sample,
+        recall_queries=settings.recall_queries,
+    )
+    store.set_build_checks(
+        build_id, {**recall.as_dict(), "min_recall": settings.min_recall, "calibration_sample": len(sample)}
+    )
+    if recall.recall < settings.min_recall:
+        store.set_build_status(build_id, "failed")
+        raise BuildRejected(
+            f"index build {build_id} ({kind}, {len(store_ids)} vectors) has recall@10 {recall.recall:.3f} against "
+            f"exact search, below the floor {settings.min_recall} (setting min_recall): it was not published and the "
+            "previous index stays live; build an exact index (--index-type flat) or raise nprobe"
+        )
+    save_calibration_sample(directory.build_file(build_id, CALIBRATION_FILE), sample)
     store.set_build_checksum(build_id, directory.checksum(build_id))
     directory.publish(build_id)
     store.set_build_status(build_id, "live")

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from indexer.batches import BatchEncoder, Encoded
 from indexer.build import publish
 from indexer.lock import acquire as acquire_lock
-from indexer.manifest import Manifest, identity
+from indexer.manifest import Manifest, identity, manifest_mpp
 from indexer.pipeline import Decoded, DecodePool, Failed, default_workers
 from indexer.ray_embed import EmbeddedBatches, RayEmbedPool
 from indexer.slides import SlideReport, sync_slide_vectors
@@ -572,7 +572,7 @@ class _Identities:
             "x": entry.x,
             "y": entry.y,
             "size": entry.size,
-            "mpp": entry.mpp,
+            "mpp": entry.mpp if entry.mpp is not None else manifest_mpp(extra),
             "width": decoded.width,
             "height": decoded.height,
             "content_hash": decoded.content_hash,

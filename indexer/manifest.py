@@ -17,6 +17,7 @@ import re
 from pathlib import Path, PurePosixPath
 
 from search.archives.readers.slide import SLIDE_EXTENSIONS
+from search.archives.scale import magnification_mpp, positive_number
 from search.core.errors import BadInput, ConfigError
 
 KEY_COLUMNS = ("path", "file", "slide", "filename", "slide_id", "case_id")
@@ -95,6 +96,11 @@ class Manifest:
                 if name in first_line:
                     raise BadInput(f"manifest {path}, line {line}: '{name}' is already on line {first_line[name]}")
                 first_line[name] = line
+                for column in SCALE_COLUMNS:
+                    if record.get(column) and positive_number(record[column]) is None:
+                        raise BadInput(
+                            f"manifest {path}, line {line}: {column} {record[column]!r} is not a positive number"
+                        )
                 rows[name] = {k: v for k, v in record.items() if v}
         except csv.Error as exc:
             raise BadInput(f"manifest {path}, line {reader.line_num}: bad CSV ({exc})") from None
@@ -118,6 +124,23 @@ class Manifest:
 
     def __len__(self) -> int:
         return len(self._by_path)
+
+
+# Columns that state a tile's scale: um per pixel, or the objective magnification (10 / mag um/px).
+SCALE_COLUMNS = ("mpp", "magnification")
+
+
+def manifest_mpp(extra: dict[str, str]) -> float | None:
+    """The um/px a manifest row states for ``path``: its ``mpp`` column (taken out of ``extra``), else
+    its ``magnification``; None when it states neither."""
+    mpp = extra.pop("mpp", None)
+    if mpp:
+        return positive_number(mpp)
+    magnification = extra.get("magnification")
+    if magnification:
+        value = positive_number(magnification)
+        return magnification_mpp(value) if value else None
+    return None
 
 
 @functools.lru_cache(maxsize=16)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from search.cli_results import add_commands, add_result_options
 from search.core.errors import BadInput, ConfigError, HistosearchError
 from search.core.settings import Settings, load_settings
 
@@ -291,6 +292,14 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if index:
         print(f"index: {index['type']}, {index['size']} vectors, built {index['built_at']} on {index['device']}")
         print(f"index model: {index['model_fingerprint']}")
+        checks = index.get("checks")
+        if checks:
+            print(
+                f"index recall@10 vs exact: {checks['recall_at_10']:.3f} over {checks['recall_queries']} queries "
+                f"(floor {checks['min_recall']}); calibration sample: {checks['calibration_sample']} tiles"
+            )
+        else:
+            print("index checks: none recorded (built before recall checks: run `histosearch reindex`)")
     elif not status["index_problem"]:
         print("index: none yet (run `histosearch index PATH`)")
     if status["slide_vectors"]:
@@ -329,27 +338,26 @@ def _filters(args: argparse.Namespace) -> Filters:
 
 
 def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
+    from search.cli_results import options_of, print_hits
     from search.engine.engine import Engine
 
+    if sum(x is not None for x in (args.text, args.image, args.tile)) != 1:
+        raise BadInput('give one of a text ("cribriform glands"), --image FILE or --tile ID, not both')
+    if args.exclude_case and args.tile is None:
+        raise BadInput("--exclude-case is for similar-tile queries: give --tile ID")
     engine = Engine(settings)
     filters = _filters(args)
-    if (args.text is None) == (args.image is None):
-        raise BadInput('give a text ("cribriform glands") or --image FILE, not both')
+    options = options_of(args, exclude_case="1" if args.exclude_case else None)
     if args.image is not None:
-        result = engine.search_image(_read_image(args.image, settings), k=args.k, filters=filters)
+        result = engine.search_image(_read_image(args.image, settings), k=args.k, filters=filters, options=options)
+    elif args.tile is not None:
+        result = engine.similar(args.tile, k=args.k, filters=filters, options=options)
     else:
-        result = engine.search_text(args.text, k=args.k, filters=filters)
+        result = engine.search_text(args.text, k=args.k, filters=filters, options=options)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    for hit in result["results"]:
-        where = f" x={hit['x']} y={hit['y']}" if hit.get("x") is not None else ""
-        print(
-            f"{hit['rank']:>3}  {hit['score']:.4f}  tile {hit['tile_id']:<8} case={hit['case'] or '-'} "
-            f"slide={hit['slide'] or '-'}{where}  {hit['path']}"
-        )
-    if not result["results"]:
-        print("no results")
+    print_hits(result)
     return 0
 
 
@@ -461,6 +469,13 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _filter_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", help="only tiles of this source (path or id)")
+    parser.add_argument("--slide", help="only tiles of this slide")
+    parser.add_argument("--case", help="only tiles of this case")
+    parser.add_argument("--meta", action="append", metavar="KEY=VALUE", help="only tiles with this metadata")
+
+
 def _index_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait", action="store_true", help="wait for another running indexer instead of stopping")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -540,12 +555,12 @@ def build_parser() -> argparse.ArgumentParser:
     query = sub.add_parser("query", help="print the top tiles for a text or an image")
     query.add_argument("text", nargs="?", help="a morphology description")
     query.add_argument("--image", type=Path, help="an image file (image -> image)")
+    query.add_argument("--tile", type=int, help="an indexed tile id (tiles like it)")
+    query.add_argument("--exclude-case", action="store_true", help="with --tile: leave out the tile's own case")
     query.add_argument("-k", type=int, default=10, help="how many results (default 10)")
-    query.add_argument("--source", help="only tiles of this source (path or id)")
-    query.add_argument("--slide", help="only tiles of this slide")
-    query.add_argument("--case", help="only tiles of this case")
-    query.add_argument("--meta", action="append", metavar="KEY=VALUE", help="only tiles with this metadata")
     query.add_argument("--json", action="store_true", help="machine-readable output")
+    _filter_options(query)
+    add_result_options(query)
     _model_options(query)
     query.set_defaults(func=cmd_query)
 
@@ -608,6 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--json", action="store_true", help="machine-readable output")
         _model_options(command)
         command.set_defaults(func=func)
+
+    add_commands(sub, _filter_options, _model_options)
 
     serve = sub.add_parser("serve", help="open the web UI (http://127.0.0.1:8000 by default)")
     _setting_option(serve, "host", help="address to bind (default 127.0.0.1)")

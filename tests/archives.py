@@ -203,3 +203,36 @@ def make_hostile_tar(path: Path, gz: bool = False) -> dict[str, str]:
         "fifo.png": "not a regular file",
         "dev.png": "not a regular file",
     }
+
+
+LABEL_RGB = (0, 255, 0)
+MACRO_RGB = (255, 0, 0)
+
+
+def make_svs_with_label(
+    path: Path, size: int = 2048, tissue: tuple[int, int, int, int] = (512, 768, 1280, 1280)
+) -> Path:
+    """An Aperio SVS OpenSlide reads as ``aperio``, 0.25 um/px, with a thumbnail and the two images that
+    carry patient data on real slides: a pure green ``label`` and a pure red ``macro``."""
+    pixels = np.full((size, size, 3), 250, dtype=np.uint8)
+    x0, y0, x1, y1 = tissue
+    pixels[y0:y1, x0:x1] = TISSUE_RGB
+    head = "Aperio Image Library v12.0.0\r\n"
+    options = {"photometric": "rgb", "compression": "zlib", "metadata": None}
+    with tifffile.TiffWriter(path) as writer:
+        writer.write(
+            pixels, tile=(256, 256), description=f"{head}{size}x{size} (256x256)|AppMag = 40|MPP = 0.25", **options
+        )
+        writer.write(pixels[::16, ::16], description=f"{head}{size}x{size} -> thumbnail|MPP = 0.25", **options)
+        for level in (1, 2):
+            step = 2**level
+            writer.write(
+                pixels[::step, ::step], tile=(256, 256), description=f"{head}level {level}|MPP = 0.25", **options
+            )
+        writer.write(
+            np.full((300, 400, 3), LABEL_RGB, np.uint8), subfiletype=1, description=f"{head}label 400x300", **options
+        )
+        writer.write(
+            np.full((300, 800, 3), MACRO_RGB, np.uint8), subfiletype=9, description=f"{head}macro 800x300", **options
+        )
+    return Path(path)

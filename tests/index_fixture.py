@@ -17,6 +17,7 @@ from PIL import Image
 
 from search.conch.encoder import Encoder
 from search.core.settings import Settings
+from search.storage.build_checks import publish_build
 from search.storage.index_directory import IndexDirectory
 from search.storage.store import Store
 from search.storage.vectors import VectorIndex
@@ -126,10 +127,17 @@ def build_index(settings: Settings, encoder: Encoder, folder: Path) -> IndexedAr
 
     index = VectorIndex.build(np.asarray(ids, dtype=np.int64), vectors, "flat")
     directory = IndexDirectory(settings.data_dir / "index")
-    build_id = store.add_build(encoder.fingerprint, index.index_type, index.ntotal, "", index.device)
-    index.save(directory.build_path(build_id))
-    directory.publish(build_id)
-    store.set_build_status(build_id, "live")
+    publish_build(
+        store,
+        directory,
+        index,
+        np.asarray(ids, dtype=np.int64),
+        vectors,
+        encoder.fingerprint,
+        calibration_size=settings.calibration_sample,
+        min_recall=settings.min_recall,
+        recall_queries=settings.recall_queries,
+    )
     return IndexedArchive(
         settings=settings,
         store=store,

@@ -63,10 +63,16 @@ def serving(app) -> Iterator[str]:
         sock.close()
 
 
+def _plain(settings):
+    """The plain ranking (no spread, no confidence floor): the tiny model's hits are all low-confidence, and
+    the pages keep those folded away; the tests of those controls set them."""
+    return settings.model_copy(update={"max_per_slide": 0, "min_confidence": 0})
+
+
 @pytest.fixture
 def server(tiny_settings, tiny_encoder, tmp_path):
     """A uvicorn server over a small real index."""
-    indexed = build_index(tiny_settings, tiny_encoder, tmp_path / "tiles")
+    indexed = build_index(_plain(tiny_settings), tiny_encoder, tmp_path / "tiles")
     app = create_app(indexed.settings, Engine(indexed.settings, store=indexed.store, encoder=tiny_encoder))
     with serving(app) as base:
         yield base, indexed
@@ -176,6 +182,74 @@ def test_dropped_or_pasted_image_is_searched(server, page, kind):
     assert _result_ids(page)[0] == indexed.ids[path]
 
 
+def _apply(page, **fields) -> None:
+    """Fill the Refine panel's fields (text and number inputs by name, checkboxes by True/False) and apply."""
+    form = page.locator("form[data-refine]")
+    for name, value in fields.items():
+        field = form.locator(f"input[name={name}]:not([type=hidden])")
+        if isinstance(value, bool):
+            field.set_checked(value)
+        else:
+            field.fill(str(value))
+    with page.expect_navigation():
+        form.locator("button[type=submit]").click()
+
+
+def test_confidence_threshold_and_spread_controls(server, page):
+    base, indexed = server
+    page.goto(base + "/?q=DCIS")
+    page.wait_for_selector("article.card")
+    assert "Searched for: ductal carcinoma in situ" in page.inner_text(".summary")
+    card = page.locator("article.card").first
+    assert "cos 0." in card.inner_text() and "z " in card.inner_text() and "looks like:" in card.inner_text()
+    assert "standard deviations" in page.inner_text("p.explain")
+    _apply(page, min_confidence=1000)
+    assert "min_confidence=1000" in page.url
+    assert page.locator(".no-confident").is_visible()
+    assert not page.locator("article.card").first.is_visible()  # noise is not shown as if it were signal
+    page.click("details.low-confidence summary")
+    assert page.locator("article.card").first.is_visible()
+    _apply(page, min_confidence=0, max_per_slide=1)
+    assert not page.locator(".no-confident").count()
+    assert len(_result_ids(page)) == 4  # one result per slide
+    assert "+8 adjacent tiles" in page.inner_text("body")  # the grid slide's neighbours, merged
+
+
+def test_upload_with_rotation_magnification_and_composed_texts(server, page):
+    base, indexed = server
+    path = "C2/C2-S1/t2.png"
+    page.goto(base + "/")
+    page.check("form[data-image-form] input[name=tta][type=checkbox]")
+    page.fill("form[data-image-form] input[name=magnification]", "20")
+    with page.expect_navigation(url=re.compile(r"/\?image=")):
+        page.set_input_files("form[data-image-form] input[type=file]", str(indexed.folder / path))
+    assert "tta=1" in page.url and "magnification=20" in page.url
+    page.wait_for_function("() => document.querySelector('.query-patch img').naturalWidth > 0")
+    assert indexed.ids[path] in _result_ids(page)[:5]  # averaged over rotations the tile need not stay first
+    assert page.locator("form[data-refine] input[name=tta][type=checkbox]").is_checked()
+    _apply(page, plus="necrosis", minus="adipose tissue", weight=0.25)
+    assert "Composed: query + “necrosis” − “adipose tissue” (weight 0.25)" in page.inner_text(".summary")
+    export = page.locator("a", has_text="CSV").get_attribute("href")
+    answer = page.request.get(base + export)
+    assert answer.ok and answer.text().splitlines()[0].startswith("rank,tile_id,score,z,percentile")
+    assert "plus=necrosis" in export
+
+
+def test_exclude_this_case_on_a_similar_search(server, page):
+    base, indexed = server
+    tile_id = indexed.ids["C1/C1-S2/t3.png"]
+    page.goto(f"{base}/similar/{tile_id}?k=48")
+    page.wait_for_selector("article.card")
+    c1 = {i for p, i in indexed.ids.items() if p.startswith("C1/")}
+    assert set(_result_ids(page)) & c1
+    _apply(page, exclude_case=True)
+    ids = _result_ids(page)
+    assert ids and not set(ids) & c1
+    with page.expect_navigation():
+        page.locator("article.card").first.locator("a.other-cases").click()
+    assert "exclude_case=1" in page.url
+
+
 # --- what a pathologist hit (issue 13) ----------------------------------------------------------------
 
 LONG_FIELDS = {
@@ -195,7 +269,7 @@ def _long_metadata(indexed) -> None:
 
 @pytest.fixture
 def long_server(tiny_settings, tiny_encoder, tmp_path):
-    indexed = build_index(tiny_settings, tiny_encoder, tmp_path / "tiles")
+    indexed = build_index(_plain(tiny_settings), tiny_encoder, tmp_path / "tiles")
     _long_metadata(indexed)
     app = create_app(indexed.settings, Engine(indexed.settings, store=indexed.store, encoder=tiny_encoder))
     with serving(app) as base:
@@ -223,7 +297,7 @@ def test_cards_stay_readable_with_long_metadata_names(long_server, page):
 
 
 def test_card_fields_setting_chooses_the_fields(tiny_settings, tiny_encoder, tmp_path, page):
-    indexed = build_index(tiny_settings, tiny_encoder, tmp_path / "tiles")
+    indexed = build_index(_plain(tiny_settings), tiny_encoder, tmp_path / "tiles")
     _long_metadata(indexed)
     settings = indexed.settings.model_copy(update={"card_fields": ["oestrogen_receptor_allred_score", "organ"]})
     app = create_app(settings, Engine(settings, store=indexed.store, encoder=tiny_encoder))

@@ -52,7 +52,7 @@ def test_index_status_query_and_reindex(cli, tmp_path, capsys):
     assert hits[0]["meta"] == {"organ": "breast"}
 
     assert cli("query", "cribriform glands", "-k", "2", "--meta", "organ=breast") == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.lstrip()[:1].isdigit()]
     assert len(lines) == 1 and "case=PATIENT-7" in lines[0]
 
     tiles[1].unlink()
@@ -188,7 +188,14 @@ def test_the_cli_loads_no_lower_layer_until_a_command_needs_it():
         "{'search', 'indexer', 'webui', 'migrations', 'torch', 'numpy', 'PIL', 'faiss', 'sqlalchemy', 'fastapi'})))"
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert loaded == ["search", "search.cli", "search.core", "search.core.errors", "search.core.settings"]
+    assert loaded == [
+        "search",
+        "search.cli",
+        "search.cli_results",
+        "search.core",
+        "search.core.errors",
+        "search.core.settings",
+    ]
 
 
 def test_status_names_the_archive_of_a_refused_member_once(cli, tmp_path, capsys):
@@ -267,3 +274,50 @@ def test_backup_of_a_postgres_database_points_to_pg_dump(monkeypatch, tmp_path, 
     monkeypatch.setenv("HISTOSEARCH_DATABASE_URL", "postgresql+psycopg://histosearch@127.0.0.1:1/histosearch")
     assert main(["--data-dir", str(tmp_path), "backup", str(tmp_path / "copy.db")]) == 2
     assert "pg_dump" in capsys.readouterr().err and not (tmp_path / "copy.db").exists()
+
+
+def test_result_commands_cases_describe_and_the_query_log(cli, tmp_path, capsys):
+    tiles = make_tiles(tmp_path / "tiles", 6)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,magnification\ncase0,20\n")
+    assert cli("index", str(tmp_path / "tiles"), "--manifest", str(manifest), "--quiet", "--workers", "0") == 0
+    capsys.readouterr()
+    assert cli("status") == 0
+    assert "index recall@10 vs exact: 1.000" in capsys.readouterr().out
+
+    assert cli("query", "--image", str(tiles[0]), "-k", "6", "--max-per-slide", "0", "--json") == 0
+    hits = json.loads(capsys.readouterr().out)["results"]
+    assert hits[0]["mpp"] == 0.5 and hits[0]["why"]  # the manifest's magnification, the vocabulary's terms
+    first = hits[0]
+    # make_tiles repeats slide names across its two case folders, so every slide lands in case0.
+    assert {h["case"] for h in hits} == {"case0"}
+    assert cli("query", "--tile", str(first["tile_id"]), "--max-per-slide", "0", "--json") == 0
+    assert len(json.loads(capsys.readouterr().out)["results"]) == 5
+    assert cli("query", "--tile", str(first["tile_id"]), "--exclude-case", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["results"] == []
+    assert cli("query", "DCIS", "--plus", "necrosis", "--minus", "fat", "--weight", "0.4", "--json") == 0
+    query = json.loads(capsys.readouterr().out)["query"]
+    assert query["searched"] == "ductal carcinoma in situ" and query["plus"] == ["necrosis"] and query["weight"] == 0.4
+    assert cli("query", "--image", str(tiles[1]), "--tta", "--magnification", "5", "--same-scale", "--json") == 0
+    answer = json.loads(capsys.readouterr().out)
+    # Tiles the manifest gave 0.5 um/px are 4x off the query's 2 um/px and left out; those of unknown scale stay.
+    assert answer["query"]["tta"] is True and answer["results"]
+    assert all(h["mpp"] is None and h["scale_mismatch"] is None for h in answer["results"])
+
+    assert cli("cases", "--image", str(tiles[0]), "-k", "5") == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].lstrip().startswith("1 ") and "case" in out
+    assert cli("describe", "--image", str(tiles[0]), "-k", "3") == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3
+    assert cli("describe", "--tile", str(first["tile_id"]), "-k", "2", "--json") == 0
+    assert len(json.loads(capsys.readouterr().out)["results"]) == 2
+    assert cli("describe") == 2
+    assert "--image FILE" in capsys.readouterr().err
+
+    assert cli("queries", "--json") == 0
+    log = json.loads(capsys.readouterr().out)
+    kinds = [e["kind"] for e in log["entries"]]
+    assert kinds == ["image", "text", "tile", "tile", "image"] and log["entries"][1]["text"] == "DCIS"
+    assert all(e["image_hash"] is None or len(e["image_hash"]) == 20 for e in log["entries"])
+    assert cli("queries") == 0
+    assert "DCIS" in capsys.readouterr().out

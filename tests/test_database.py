@@ -36,6 +36,7 @@ TABLES = {
     "jobs",
     "file_errors",
     "meta",
+    "query_log",
 }
 
 

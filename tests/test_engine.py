@@ -17,7 +17,9 @@ from tests.index_fixture import CAPTIONS, TERMS, build_index
 
 @pytest.fixture
 def indexed(tiny_settings, tiny_encoder, tmp_path):
-    return build_index(tiny_settings, tiny_encoder, tmp_path / "tiles")
+    # These tests check the plain ranking; spreading across slides has its own (test_engine_results.py).
+    settings = tiny_settings.model_copy(update={"max_per_slide": 0})
+    return build_index(settings, tiny_encoder, tmp_path / "tiles")
 
 
 @pytest.fixture
@@ -63,7 +65,7 @@ def test_text_search_ranks_by_the_text_embedding(indexed, tiny_encoder, ensemble
     engine = Engine(settings, store=indexed.store, encoder=tiny_encoder)
     query = "cribriform   glands "
     result = engine.search_text(query, k=len(indexed.ids))
-    assert result["query"] == {"text": "cribriform glands"}
+    assert result["query"] == {"text": "cribriform glands", "searched": "cribriform glands"}
     q = tiny_encoder.encode_texts(["cribriform glands"], templates=DEFAULT_TEMPLATES if ensemble else None)[0]
     expected = sorted(indexed.ids.values(), key=lambda i: -float(indexed.vectors[i] @ q))
     assert [r["tile_id"] for r in result["results"]][:5] == expected[:5]

@@ -143,3 +143,19 @@ def test_identity_with_a_custom_pattern():
     assert identity("other/t.png", None, pattern) == (None, None, {})
     with pytest.raises(ConfigError, match="path_pattern"):
         identity("a/b.png", None, "(?P<case_id>")
+
+
+def test_mpp_or_magnification_columns_give_the_tile_scale(tmp_path):
+    from indexer.manifest import manifest_mpp
+
+    m = Manifest.load(write(tmp_path, "path,mpp,magnification\na.png,0.3,\nb.png,,20x\nc.png,,40\nd.png,,\n"))
+    scales = {}
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        _, _, extra = identity(name, m, PATTERN)
+        scales[name] = manifest_mpp(extra)
+        assert "mpp" not in extra  # the scale is a tile column, not metadata
+    assert scales == {"a.png": 0.3, "b.png": 0.5, "c.png": 0.25, "d.png": None}
+    with pytest.raises(BadInput, match=r"line 2: magnification 'high' is not a positive number"):
+        Manifest.load(write(tmp_path, "path,magnification\na.png,high\n", "bad.csv"))
+    with pytest.raises(BadInput, match=r"line 3: mpp '-1' is not a positive number"):
+        Manifest.load(write(tmp_path, "path,mpp\na.png,0.5\nb.png,-1\n", "bad2.csv"))

@@ -11,7 +11,7 @@ from search.archives.readers.base import SlideInfo
 from search.archives.readers.slide import otsu_threshold, parse_locator, plan_tiles, tissue_from_rgb
 from search.core.errors import BadInput
 from search.core.settings import load_settings
-from tests.archives import TISSUE_RGB, image_bytes, make_image, make_slide
+from tests.archives import LABEL_RGB, MACRO_RGB, TISSUE_RGB, image_bytes, make_image, make_slide, make_svs_with_label
 
 TISSUE = (512, 768, 1280, 1280)  # x0, y0, x1, y1 in level-0 pixels of the 2048 px, 0.25 um/px slide
 
@@ -209,3 +209,24 @@ def test_grid_covers_partial_edge_tiles(tmp_path):
     kept = tiles_of(SlideReader(path, settings(target_mpp=0.5, tissue_min_fraction=0.6)))
     assert [(e.x, e.y) for e in kept] == [(896, 896)]
     assert tiles_of(SlideReader(path, settings(target_mpp=0.5, tissue_min_fraction=0.7))) == []
+
+
+def test_label_and_macro_images_are_never_read(tmp_path, monkeypatch):
+    # Label and macro images hold patient names and barcodes: the reader tiles the pyramid levels only.
+    path = make_svs_with_label(tmp_path / "patient.svs")
+    with openslide.OpenSlide(str(path)) as s:
+        assert openslide.OpenSlide.detect_format(str(path)) == "aperio"
+        assert {"label", "macro"} <= set(s.associated_images)
+        assert tuple(np.asarray(s.associated_images["label"].convert("RGB"))[0, 0]) == LABEL_RGB
+
+    def refuse(self):
+        raise AssertionError("an associated image (label/macro) was read")
+
+    monkeypatch.setattr(openslide.OpenSlide, "associated_images", property(refuse))
+    reader = open_reader(path, settings(target_mpp=0.5))
+    entries = tiles_of(reader)
+    assert entries and all(e.mpp == pytest.approx(0.5) for e in entries)
+    for entry in entries:
+        pixels = np.asarray(reader.read(entry.locator).convert("RGB")).reshape(-1, 3)
+        for colour in (LABEL_RGB, MACRO_RGB):
+            assert not (np.abs(pixels.astype(int) - colour).sum(axis=1) < 30).any(), entry.locator

@@ -22,7 +22,7 @@ from search.engine.engine import Engine
 from .errors import ERROR_RESPONSES, add_error_handlers
 from .middleware import BodyLimit, OriginCheck, SecurityHeaders, TokenAuth
 from .pages import make_templates
-from .routes import cases, evaluation, facets, images, login, search, slides, status, tiles
+from .routes import cases, describe, evaluation, facets, images, login, query_log, search, slides, status, tiles
 from .sessions import SessionKeeper, session_cookie_name
 
 # Room for the multipart framing and form fields around an upload of max_upload_bytes.
@@ -54,7 +54,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.upload_decoder = UploadDecoder(settings.max_upload_pixels, settings.max_upload_decodes)
     app.state.sessions = SessionKeeper(settings.auth_token, settings.session_max_age_s) if settings.auth_token else None
 
-    for module in (search, cases, slides, tiles, facets, status, evaluation, images, login):
+    for module in (search, cases, slides, tiles, facets, status, evaluation, images, login, describe, query_log):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
     add_error_handlers(app)

@@ -12,6 +12,7 @@ from search.core.errors import PayloadTooLarge
 from search.core.settings import Settings
 from search.engine.engine import Engine
 from search.engine.filters import Filters, filters_from
+from search.engine.options import SearchOptions, options_from
 
 
 def get_engine(request: Request) -> Engine:
@@ -24,6 +25,25 @@ def get_settings(request: Request) -> Settings:
 
 def get_filters(request: Request) -> Filters:
     return filters_from(request.query_params)
+
+
+def _option_params(params) -> dict:
+    # The last value of a repeated field wins: a checkbox follows a hidden "0" of the same name, so an
+    # unticked box still says "off" rather than "the default".
+    out = {key: params.getlist(key)[-1] for key in params if isinstance(params.getlist(key)[-1], str)}
+    out["plus"], out["minus"] = params.getlist("plus"), params.getlist("minus")
+    return out
+
+
+def get_options(request: Request) -> SearchOptions:
+    """Result options from query parameters (``plus``/``minus`` repeatable)."""
+    return options_from(_option_params(request.query_params))
+
+
+async def get_form_options(request: Request) -> SearchOptions:
+    """Result options of a multipart POST: query parameters, then form fields (a form field wins)."""
+    form = await request.form()
+    return options_from({**_option_params(request.query_params), **_option_params(form)})
 
 
 async def get_form_filters(request: Request) -> Filters:
@@ -59,3 +79,5 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 FiltersDep = Annotated[Filters, Depends(get_filters)]
 FormFiltersDep = Annotated[Filters, Depends(get_form_filters)]
 UploadedImage = Annotated[Image.Image, Depends(get_uploaded_image)]
+OptionsDep = Annotated[SearchOptions, Depends(get_options)]
+FormOptionsDep = Annotated[SearchOptions, Depends(get_form_options)]

@@ -12,6 +12,7 @@ from urllib.parse import quote, urlencode
 from fastapi import Request
 
 from search.engine.filters import Filters
+from search.engine.options import SearchOptions
 
 VERSION_CHARS = 16
 
@@ -92,9 +93,27 @@ def filter_params(filters: Filters) -> dict[str, str]:
     return params
 
 
+def option_params(options: SearchOptions) -> dict[str, Any]:
+    """The query parameters that reproduce ``options`` (``plus``/``minus`` as lists)."""
+    params: dict[str, Any] = {}
+    for name in ("min_confidence", "max_per_slide", "magnification"):
+        if getattr(options, name) is not None:
+            params[name] = getattr(options, name)
+    for name in ("exclude_case", "same_scale"):
+        if getattr(options, name):
+            params[name] = 1
+    if options.tta is not None:
+        params["tta"] = int(options.tta)
+    if options.plus or options.minus:
+        params.update(plus=list(options.plus), minus=list(options.minus), weight=options.weight)
+    return params
+
+
 def url_with(path: str, **params: Any) -> str:
-    """``path`` with the given query parameters; None and empty values are left out."""
-    query = urlencode({key: value for key, value in params.items() if value is not None and value != ""})
+    """``path`` with the given query parameters (a list value repeats its name); None and empty values are
+    left out."""
+    kept = {key: value for key, value in params.items() if value is not None and value != ""}
+    query = urlencode(kept, doseq=True)
     return f"{path}?{query}" if query else path
 
 
@@ -109,7 +128,7 @@ def clean_url(request: Request) -> str | None:
 
 def filter_chips(request: Request, filters: Filters, labels: dict[str, str] | None = None) -> list[dict]:
     """The filters in force, each with the URL of this page without it (a removable chip)."""
-    params = dict(request.query_params)
+    params = _query_params(request)
     params.pop("offset", None)  # another filter, another ranking: back to the first page
     chips = []
     for name, value in filter_params(filters).items():
@@ -124,7 +143,7 @@ def filter_chips(request: Request, filters: Filters, labels: dict[str, str] | No
 def page_urls(request: Request, result: dict) -> tuple[str | None, str | None]:
     """Previous and next page links of a ranked result, keeping every other query parameter."""
     k, offset = result["k"], result["offset"]
-    params = dict(request.query_params)
+    params = _query_params(request)
     prev_url = next_url = None
     if offset > 0:
         prev_url = url_with(request.url.path, **{**params, "offset": max(0, offset - k)})
@@ -178,8 +197,14 @@ def heatmap_links(heatmap: dict) -> dict:
 
 def with_filter(request: Request, name: str, value: str) -> str:
     """This page with one more filter (``name=value``), from its first result."""
-    params = {key: item for key, item in request.query_params.items() if key != "offset"}
+    params = {key: item for key, item in _query_params(request).items() if key != "offset"}
     return url_with(request.url.path, **{**params, name: value})
+
+
+def _query_params(request: Request) -> dict[str, Any]:
+    """The request's query parameters for ``url_with``: a repeated name (``plus``, ``minus``) as a list."""
+    params = {key: request.query_params.getlist(key) for key in request.query_params}
+    return {key: values[0] if len(values) == 1 else values for key, values in params.items()}
 
 
 def back_here(request: Request) -> str:

@@ -94,3 +94,9 @@ class IndexBusy(HistosearchError):
 class DownloadError(HistosearchError):
     status = 502
     code = "download"
+
+
+class BuildRejected(HistosearchError):
+    """A new index build failed its checks (recall below the floor) and was not published."""
+
+    code = "build_rejected"

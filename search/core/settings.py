@@ -107,6 +107,31 @@ class Settings(BaseSettings):
     wsc_max_tiles: int = Field(512, ge=1, le=100_000)
     wsc_seed: int = Field(0, ge=0)
 
+    # Results (issue 10, docs/cli.md "Results").
+    # A page says "no confident match" when its best hit's z-score against the build's calibration sample
+    # (query vs a fixed random sample of the index) is below this.
+    min_confidence: float = Field(3.0, ge=0)
+    # Tiles drawn once per build to calibrate scores against.
+    calibration_sample: int = Field(1000, ge=10, le=100_000)
+    # At most this many results per slide on a page (0: off); adjacent tiles of a slide count once.
+    max_per_slide: int = Field(3, ge=0, le=1000)
+    # Approximate indexes return this many times the page's candidates, re-ranked by exact cosine.
+    rerank_factor: int = Field(4, ge=1, le=100)
+    # A build whose recall@10 against exact search is below this is not published.
+    min_recall: float = Field(0.9, ge=0, le=1)
+    # Queries (stored vectors and vocabulary texts) the recall check runs at each build.
+    recall_queries: int = Field(200, ge=1, le=10_000)
+    # Average an image query over its 8 rotations/flips; None: on when the encoder runs on a GPU.
+    query_tta: bool | None = None
+    # Uploaded query images kept on disk (by content hash) so permalinks survive a restart; oldest dropped first.
+    upload_store_bytes: int = Field(512 * 1024 * 1024, ge=0)
+    # Record each query (text or image hash, filters, model, build, time, result count; never image bytes).
+    query_log: bool = True
+    # A hit whose um/px differs from the query's by more than this factor is flagged as another scale.
+    scale_tolerance: float = Field(2.0, gt=1)
+    # A CSV (abbreviation,expansion) added to, and overriding, the built-in abbreviations table.
+    abbreviations_file: Path | None = None
+
     # Web UI.
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -181,6 +206,13 @@ class Settings(BaseSettings):
     def _local_weights(cls, v: object) -> object:
         if isinstance(v, str) and "://" in v:
             raise ValueError("a local file path is required (download the zip yourself), not a URL")
+        return v
+
+    @field_validator("abbreviations_file")
+    @classmethod
+    def _abbreviations_file(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"{v}: no such file")
         return v
 
     @classmethod

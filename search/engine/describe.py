@@ -16,7 +16,7 @@ from .ranking import top
 
 
 @dataclass
-class _Texts:
+class Texts:
     """The text corpora embedded under one model, as a matrix for image -> text ranking."""
 
     key: tuple
@@ -25,6 +25,8 @@ class _Texts:
     vectors: np.ndarray
     corpus_index: np.ndarray
     corpora: list[str]
+    # text id -> (text, corpus), read with the matrix so explaining a hit needs no query.
+    labels: dict[int, tuple[str, str]]
 
 
 class TextRanker:
@@ -32,12 +34,12 @@ class TextRanker:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._texts: _Texts | None = None
+        self._texts: Texts | None = None
         self._lock = threading.Lock()
 
     def describe(self, vector: np.ndarray, build: dict, k: int, corpus: str | None = None) -> dict:
         """The ``k`` texts nearest to ``vector`` (of ``corpus`` only, when given), and the corpora known."""
-        texts = self._text_corpora(build)
+        texts = self.corpora(build)
         if corpus and corpus not in texts.corpora:
             known = ", ".join(texts.corpora) or "none"
             raise BadQuery(f"no text corpus named {corpus!r} for this model; embedded corpora: {known}")
@@ -62,20 +64,23 @@ class TextRanker:
         ]
         return {"corpora": texts.corpora, "results": results}
 
-    def _text_corpora(self, build: dict) -> _Texts:
+    def corpora(self, build: dict) -> Texts:
+        """The texts embedded under the build's model, as one matrix (cached per build for a minute)."""
         key = (build["model_fingerprint"], build["id"])
         with self._lock:
             texts = self._texts
             if texts and texts.key == key and time.monotonic() - texts.loaded_at < CACHE_SECONDS:
                 return texts
         ids, vectors = self.store.text_matrix(build["model_fingerprint"])
-        corpus_of = {item["id"]: item["corpus"] for item in self.store.get_texts(ids.tolist())}
+        items = self.store.get_texts(ids.tolist())
+        corpus_of = {item["id"]: item["corpus"] for item in items}
+        labels = {item["id"]: (item["text"], item["corpus"]) for item in items}
         corpora = sorted(set(corpus_of.values()))
         position = {name: n for n, name in enumerate(corpora)}
         corpus_index = np.fromiter((position[corpus_of[int(i)]] for i in ids), dtype=np.int32, count=len(ids))
         if vectors.size == 0:
             vectors = np.zeros((0, 1), np.float32)
-        texts = _Texts(key, time.monotonic(), ids, vectors, corpus_index, corpora)
+        texts = Texts(key, time.monotonic(), ids, vectors, corpus_index, corpora, labels)
         with self._lock:
             self._texts = texts
         return texts

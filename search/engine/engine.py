@@ -23,11 +23,16 @@ from search.storage.segmented import live_tile_index
 from search.storage.store import Store
 
 from .cache import CACHE_SECONDS
+from .calibration import Calibration
 from .cases import MAX_PER_CASE, group_cases
 from .describe import TextRanker
+from .explain import Explainer
 from .filters import Filters
+from .options import SearchOptions
 from .query import Query, QueryVectors
+from .query_log import QueryLog
 from .ranking import MAX_DEPTH, check_page, hit, hits_of, nearest
+from .results import ResultPages
 from .slides import SlideSearch
 from .tiles import TileImages, get_tile
 
@@ -46,33 +51,54 @@ class Engine:
         self.texts = TextRanker(self.store)
         self.images = TileImages(settings, self.store)
         self.slides = SlideSearch(settings, self.store, self.live_index, self.queries, self.images)
+        self.calibration = Calibration(self.index_directory)
+        self.explainer = Explainer(self.store, self.texts, self.queries)
+        self.pages = ResultPages(settings, self.store, self.live_index, self.calibration, self.explainer)
+        self.log = QueryLog(settings, self.store)
         self._facets: tuple[tuple, float, dict] | None = None
         self._facets_lock = threading.Lock()
 
     # --- queries -----------------------------------------------------------------------------
 
-    def search_text(self, query: str, k: int = 24, offset: int = 0, filters: Filters | None = None) -> dict:
-        """Tiles ranked by similarity to a morphology description (prompt-ensembled when the setting
-        ``prompt_ensemble`` is on)."""
-        self._check_page(k, offset)
-        return self._ranked(self.queries.query_vector(text=query), k, offset, filters)
+    def search_text(
+        self,
+        query: str,
+        k: int = 24,
+        offset: int = 0,
+        filters: Filters | None = None,
+        options: SearchOptions | None = None,
+    ) -> dict:
+        """Tiles ranked by similarity to a morphology description (abbreviations expanded; prompt-ensembled
+        when the setting ``prompt_ensemble`` is on)."""
+        return self._search(k, offset, filters, options, text=query)
 
     def search_image(
-        self, image: Image.Image | str, k: int = 24, offset: int = 0, filters: Filters | None = None
+        self,
+        image: Image.Image | str,
+        k: int = 24,
+        offset: int = 0,
+        filters: Filters | None = None,
+        options: SearchOptions | None = None,
     ) -> dict:
         """Tiles ranked by similarity to an image, or to the ``image_ref`` an earlier image query returned."""
-        self._check_page(k, offset)
-        return self._ranked(self.queries.query_vector(image=image), k, offset, filters)
+        return self._search(k, offset, filters, options, image=image)
 
-    def similar(self, tile_id: int, k: int = 24, offset: int = 0, filters: Filters | None = None) -> dict:
-        """Tiles like an indexed tile, from its stored vector (no re-embedding); the tile itself is left out."""
-        self._check_page(k, offset)
-        return self._ranked(self.queries.query_vector(tile_id=tile_id), k, offset, filters)
+    def similar(
+        self,
+        tile_id: int,
+        k: int = 24,
+        offset: int = 0,
+        filters: Filters | None = None,
+        options: SearchOptions | None = None,
+    ) -> dict:
+        """Tiles like an indexed tile, from its stored vector (no re-embedding); the tile itself is left out,
+        and with the option ``exclude_case`` its whole case."""
+        return self._search(k, offset, filters, options, tile_id=tile_id)
 
-    def image_ref(self, image: Image.Image) -> str:
-        """Embed an uploaded image and keep its vector in memory under the returned reference, so that
-        later GET requests (paging, cases, describe) can name it without uploading it again."""
-        return self.queries.image_ref(image)
+    def image_ref(self, image: Image.Image, tta: bool | None = None) -> str:
+        """Embed an uploaded image and keep it (on disk, by content hash) under the returned reference, so
+        that later GET requests (paging, cases, describe, a permalink after a restart) can name it."""
+        return self.queries.image_ref(image, tta)
 
     def upload_preview(self, ref: str) -> dict:
         """The image uploaded under ``ref``: its size and a small JPEG to show beside its results."""
@@ -88,6 +114,7 @@ class Engine:
         per_case: int = 3,
         k: int = 20,
         filters: Filters | None = None,
+        options: SearchOptions | None = None,
     ) -> dict:
         """Cases ranked by their best tiles among the ``top_tiles`` nearest to the query (see ``group_cases``)."""
         if sum(x is not None for x in (text, image, tile_id)) != 1:
@@ -97,7 +124,7 @@ class Engine:
             raise BadQuery(f"per_case must be between 1 and {MAX_PER_CASE}, got {per_case}")
         if not 1 <= top_tiles <= MAX_DEPTH:
             raise BadQuery(f"top_tiles must be between 1 and {MAX_DEPTH}, got {top_tiles}")
-        query = self.queries.query_vector(text=text, image=image, tile_id=tile_id)
+        query = self._query(options or SearchOptions(), text=text, image=image, tile_id=tile_id)
         pairs, total = nearest(self.live_index, self.store, query.vector, top_tiles, filters, query.exclude)
         cutoff = pairs[-1][1] if pairs else 0.0
         truncated = len(pairs) == top_tiles and total > top_tiles
@@ -113,13 +140,19 @@ class Engine:
         }
 
     def describe(
-        self, tile_id: int | None = None, image: Image.Image | str | None = None, k: int = 10, corpus: str | None = None
+        self,
+        tile_id: int | None = None,
+        image: Image.Image | str | None = None,
+        k: int = 10,
+        corpus: str | None = None,
+        tta: bool | None = None,
     ) -> dict:
-        """Image -> text: the embedded captions and terms ranked by cosine similarity to a tile or an image."""
+        """Image -> text: the embedded captions and terms ranked by cosine similarity to a tile, an uploaded
+        image or the reference an earlier upload returned."""
         if (tile_id is None) == (image is None):
             raise BadQuery("give exactly one of tile_id or image")
         self._check_page(k, 0)
-        query = self.queries.query_vector(tile_id=tile_id, image=image)
+        query = self.queries.query_vector(tile_id=tile_id, image=image, tta=tta)
         ranked = self.texts.describe(query.vector, query.build, k, corpus)
         return {"query": query.names, "k": k, "corpus": corpus, **ranked}
 
@@ -190,6 +223,7 @@ class Engine:
                 "built_at": build["created_at"],
                 "model_fingerprint": build["model_fingerprint"],
                 "device": build["device"],
+                "checks": build["checks"],
             },
             # The index on disk checked against the build the database records (pointer, file, checksum).
             "index_problem": self.index_directory.problem(build),
@@ -222,6 +256,11 @@ class Engine:
             self._facets = (key, time.monotonic(), values)
         return values
 
+    def query_log(self, limit: int = 100, offset: int = 0) -> dict:
+        """The newest logged queries first (for an admin); ``enabled`` says whether queries are being logged."""
+        self.log.flush()
+        return {"enabled": self.settings.query_log, **self.store.query_log(limit, offset)}
+
     def warm_up(self) -> list[str]:
         """Load the model and the live index now rather than on the first query; returns what could not be
         loaded (each message says what to do), so a server can start without weights or an index."""
@@ -235,6 +274,7 @@ class Engine:
 
     def close(self) -> None:
         """Close the archive readers, and the store when this engine opened it."""
+        self.log.flush()
         self.images.close()
         if self._owns_store:
             self.store.close()
@@ -248,13 +288,23 @@ class Engine:
     def _check_page(self, k: int, offset: int) -> None:
         check_page(k, offset, self.settings.max_k)
 
-    def _ranked(self, query: Query, k: int, offset: int, filters: Filters | None) -> dict:
-        pairs, total = nearest(self.live_index, self.store, query.vector, offset + k, filters, query.exclude)
-        return {
-            "query": query.names,
-            "filters": (filters or Filters()).to_dict(),
-            "k": k,
-            "offset": offset,
-            "total": total,
-            "results": hits_of(self.store, pairs[offset:], first_rank=offset + 1),
-        }
+    def _query(self, options: SearchOptions, **query: object) -> Query:
+        return self.queries.query_vector(
+            **query,
+            tta=options.tta,
+            plus=options.plus,
+            minus=options.minus,
+            weight=options.weight,
+            mpp=options.mpp,
+        )
+
+    def _search(
+        self, k: int, offset: int, filters: Filters | None, options: SearchOptions | None, **query: object
+    ) -> dict:
+        self._check_page(k, offset)
+        options = options or SearchOptions()
+        start = time.perf_counter()
+        built = self._query(options, **query)
+        result = self.pages.page(built, k, offset, filters, options)
+        self.log.record(built, filters, options, len(result["results"]), start)
+        return result

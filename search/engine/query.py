@@ -1,15 +1,17 @@
 """Query vectors: a text, an image or an indexed tile as one L2-normalised vector to rank tiles by.
 
 The encoder loads on the first text or image query, so tile queries work on a machine without the model
-weights. Text and image vectors are cached, and an uploaded image's vector is kept under a reference
-that later requests (paging, cases, describe) can name instead of uploading the image again.
+weights. Text and image vectors are cached, and an uploaded image is kept under a reference (a prefix of
+its pixel hash) that later requests (paging, cases, describe, a permalink after a restart) can name
+instead of uploading the image again. Texts have their abbreviations expanded first; an image query may
+be averaged over its eight rotations and flips; any query may be composed with weighted texts.
 """
 
 from __future__ import annotations
 
 import io
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -21,8 +23,12 @@ from search.core.settings import Settings
 from search.storage.index_directory import IndexDirectory
 from search.storage.store import Store
 
+from .abbreviations import Abbreviations
 from .cache import LRU
+from .compose import DEFAULT_WEIGHT, compose
 from .tiles import get_tile
+from .tta import dihedral_views
+from .uploads import REF_CHARS, UploadStore
 
 QUERY_CACHE_SIZE = 1024
 # Uploaded patches are kept as small JPEGs to show beside their results (~10 kB each).
@@ -31,13 +37,17 @@ PREVIEW_PX = 192
 
 @dataclass(frozen=True)
 class Query:
-    """A query as answers name it (``{"text": ...}``, ``{"image": ref}`` or ``{"tile_id": id}``), its
-    vector, the live build it was checked against, and the tile to leave out of its own results."""
+    """A query as answers name it (``{"text": ..., "searched": ...}``, ``{"image": ref}`` or
+    ``{"tile_id": id}``, plus any composition), its vector, the live build it was checked against,
+    the tile to leave out of its own results, its scale (um/px) when known, and for a text query
+    the words it was searched with."""
 
     names: dict
     vector: np.ndarray
     build: dict
     exclude: int | None = None
+    mpp: float | None = None
+    words: tuple[str, ...] = field(default=())
 
 
 class QueryVectors:
@@ -52,6 +62,8 @@ class QueryVectors:
         self._model_lock = threading.Lock()
         self._text_vectors = LRU(QUERY_CACHE_SIZE)
         self._image_vectors = LRU(QUERY_CACHE_SIZE)
+        self.abbreviations = Abbreviations(settings.abbreviations_file)
+        self.uploads = UploadStore(settings.data_dir / "uploads", settings.upload_store_bytes)
         self._image_previews = LRU(QUERY_CACHE_SIZE)
         # Why the model could not be loaded, as its error said: for /status and the page banners.
         self.load_error: str | None = None
@@ -80,37 +92,91 @@ class QueryVectors:
         """An uploaded image kept under ``ref``: ``{"width", "height", "jpeg"}`` (a small JPEG to show)."""
         found = self._image_previews.get(ref)
         if found is None:
-            raise NotFound(f"image {ref!r} is not (or no longer) held by this server: upload the image again")
+            # After a restart (or once evicted from memory) the preview is made again from the kept upload.
+            kept = self.uploads.load(ref)
+            if kept is None:
+                raise NotFound(f"image {ref!r} is not (or no longer) held by this server: upload the image again")
+            found = _preview(kept)
+            self._image_previews.put(ref, found)
         return found
 
     def query_vector(
-        self, *, text: str | None = None, image: Image.Image | str | None = None, tile_id: int | None = None
+        self,
+        *,
+        text: str | None = None,
+        image: Image.Image | str | None = None,
+        tile_id: int | None = None,
+        tta: bool | None = None,
+        plus: tuple[str, ...] | list[str] = (),
+        minus: tuple[str, ...] | list[str] = (),
+        weight: float = DEFAULT_WEIGHT,
+        mpp: float | None = None,
     ) -> Query:
         """The vector of exactly one of: a morphology description, an image (or the reference an earlier
-        image query returned), or an indexed tile (its stored vector, no re-embedding)."""
+        image query returned), or an indexed tile (its stored vector, no re-embedding); composed with the
+        ``plus`` and ``minus`` texts at ``weight`` when given. ``mpp`` states an image's scale."""
         if sum(x is not None for x in (text, image, tile_id)) != 1:
             raise BadQuery("give exactly one query: text, image or tile_id")
         if text is not None:
             text = self.clean_text(text)
             build = self.live_build(for_encoder=True)
-            return Query({"text": text}, self._text_vector(text), build)
-        if image is not None:
+            searched = self.abbreviations.expand(text)
+            vector = self._text_vector(searched)
+            query = Query({"text": text, "searched": searched}, vector, build, words=_words(searched))
+        elif image is not None:
             build = self.live_build(for_encoder=True)
-            ref, vector = self._image_vector(image)
-            names: dict = {"image": ref}
-            kept = self._image_previews.get(ref)
-            if kept is not None:
-                names.update(width=kept["width"], height=kept["height"])
-            return Query(names, vector, build)
-        build = self.live_build()
-        get_tile(self.store, tile_id)
-        vector = self.store.get_embeddings([tile_id], build["model_fingerprint"])[0]
-        return Query({"tile_id": tile_id}, vector, build, exclude=tile_id)
-
-    def image_ref(self, image: Image.Image) -> str:
-        """Embed an uploaded image and keep its vector in memory under the returned reference."""
+            use_tta = self.tta_default() if tta is None else tta
+            ref, vector = self._image_vector(image, use_tta)
+            names: dict = {"image": ref, "tta": use_tta}
+            try:
+                shown = self.preview(ref)
+            except NotFound:
+                shown = None
+            if shown is not None:
+                names.update(width=shown["width"], height=shown["height"])
+            query = Query(names, vector, build, mpp=mpp)
+        else:
+            build = self.live_build()
+            tile = get_tile(self.store, tile_id)
+            vector = self.store.get_embeddings([tile_id], build["model_fingerprint"])[0]
+            query = Query({"tile_id": tile_id}, vector, build, exclude=tile_id, mpp=tile["mpp"])
+        if not plus and not minus:
+            return query
+        plus = [self.abbreviations.expand(self.clean_text(t)) for t in plus]
+        minus = [self.abbreviations.expand(self.clean_text(t)) for t in minus]
         self.live_build(for_encoder=True)
-        return self._image_vector(image)[0]
+        vector = compose(
+            query.vector, [self._text_vector(t) for t in plus], [self._text_vector(t) for t in minus], weight
+        )
+        names = {**query.names, "plus": plus, "minus": minus, "weight": weight}
+        return Query(names, vector, query.build, query.exclude, query.mpp, query.words)
+
+    def tta_default(self, *, load: bool = True) -> bool:
+        """Rotation/flip averaging for image queries: the setting ``tta``, else on only for a GPU encoder
+        (on a CPU it costs eight forward passes). ``load=False`` answers without building the encoder
+        (off until it is built), for pages that only show the default."""
+        if self.settings.query_tta is not None:
+            return self.settings.query_tta
+        if not load and self._encoder is None:
+            return False
+        return self.encoder().device.type == "cuda"
+
+    def image_ref(self, image: Image.Image, tta: bool | None = None) -> str:
+        """Embed an uploaded image, keep it on disk and its vector in memory under the returned reference."""
+        self.live_build(for_encoder=True)
+        return self._image_vector(image, self.tta_default() if tta is None else tta)[0]
+
+    def text_vectors(self, texts: list[str]) -> np.ndarray:
+        """Plain (not ensembled) vectors of short texts, one forward pass for those not cached."""
+        # Keyed as a query text embedded without ensembling: a one-word query's word is already cached.
+        missing = [t for t in dict.fromkeys(texts) if self._text_vectors.get((False, t)) is None]
+        if missing:
+            encoder = self.encoder()
+            with self._model_lock:
+                vectors = encoder.encode_texts(missing)
+            for t, v in zip(missing, vectors, strict=True):
+                self._text_vectors.put((False, t), v)
+        return np.stack([self._text_vectors.get((False, t)) for t in texts]) if texts else np.zeros((0, 1))
 
     def clean_text(self, query: str) -> str:
         text = " ".join((query or "").split())
@@ -154,32 +220,84 @@ class QueryVectors:
         return build
 
     def _text_vector(self, text: str) -> np.ndarray:
-        vector = self._text_vectors.get(text)
+        ensemble = self.settings.prompt_ensemble
+        vector = self._text_vectors.get((ensemble, text))
         if vector is None:
             encoder = self.encoder()
             with self._model_lock:
-                templates = DEFAULT_TEMPLATES if self.settings.prompt_ensemble else None
-                vector = encoder.encode_texts([text], templates=templates)[0]
-            self._text_vectors.put(text, vector)
+                vector = encoder.encode_texts([text], templates=DEFAULT_TEMPLATES if ensemble else None)[0]
+            self._text_vectors.put((ensemble, text), vector)
         return vector
 
-    def _image_vector(self, image: Image.Image | str) -> tuple[str, np.ndarray]:
+    def _image_vector(self, image: Image.Image | str, tta: bool) -> tuple[str, np.ndarray]:
         if isinstance(image, str):
-            vector = self._image_vectors.get(image)
-            if vector is None:
-                raise BadQuery(f"image {image!r} is not (or no longer) held by this server: upload the image again")
-            return image, vector
-        decode_image(image, "uploaded image", self.settings.max_image_pixels)
-        ref = content_hash(image)[:20]
-        vector = self._image_vectors.get(ref)
+            ref = image
+            vector = self._image_vectors.get((ref, tta))
+            if vector is not None:
+                return ref, vector
+            kept = self.uploads.load(ref)
+            if kept is None:
+                raise BadQuery(f"image {ref!r} is not (or no longer) held by this server: upload the image again")
+            image = kept
+        else:
+            decode_image(image, "uploaded image", self.settings.max_image_pixels)
+            image = image.convert("RGB")
+            ref = content_hash(image)[:REF_CHARS]
+            self.uploads.save(ref, image)
+        vector = self._image_vectors.get((ref, tta))
         if vector is None:
             encoder = self.encoder()
+            pixels = encoder.preprocess.resize_crop(image)
             with self._model_lock:
-                vector = encoder.encode_images([image.convert("RGB")])[0]
-            self._image_vectors.put(ref, vector)
+                if tta:
+                    views = encoder.encode_uint8(dihedral_views(pixels))
+                    mean = views.mean(axis=0)
+                    vector = mean / np.linalg.norm(mean)
+                else:
+                    vector = encoder.encode_uint8(pixels[None])[0]
+            self._image_vectors.put((ref, tta), vector)
         if self._image_previews.get(ref) is None:
             self._image_previews.put(ref, _preview(image))
         return ref, vector
+
+
+# Words that say nothing about morphology: left out of a text query's per-word scores.
+_STOPWORDS = frozenset(
+    [
+        "a",
+        "an",
+        "and",
+        "are",
+        "as",
+        "at",
+        "by",
+        "for",
+        "from",
+        "in",
+        "into",
+        "is",
+        "of",
+        "on",
+        "or",
+        "the",
+        "to",
+        "with",
+        "without",
+        "showing",
+        "shows",
+    ]  # fmt: skip
+)
+MAX_WORDS = 8
+
+
+def _words(text: str) -> tuple[str, ...]:
+    """The distinct content words of a text query, in order, at most ``MAX_WORDS``."""
+    out: list[str] = []
+    for raw in text.replace(",", " ").replace(";", " ").split():
+        word = raw.strip(".:()[]\"'").lower()
+        if word and word not in _STOPWORDS and word not in out:
+            out.append(word)
+    return tuple(out[:MAX_WORDS])
 
 
 def _preview(image: Image.Image) -> dict:

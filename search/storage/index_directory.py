@@ -52,6 +52,10 @@ class IndexDirectory:
         folder = self.build_dir(build_id)
         return (folder / MANIFEST_NAME).is_file() or (folder / INDEX_FILE_NAME).is_file()
 
+    def build_file(self, build_id: int, name: str) -> Path:
+        """A file kept beside build ``build_id``'s index (its calibration sample), removed with it."""
+        return self.root / "builds" / str(int(build_id)) / name
+
     def build_ids(self) -> list[int]:
         """Builds on disk, oldest first."""
         builds = self.root / "builds"

@@ -73,14 +73,17 @@ def _build_dict(build: Build) -> dict:
         "status": build.status,
         "device": build.device,
         "checksum": build.checksum,
+        "checks": build.checks,
     }
 
 
 class JobRepository(Repository):
     """Index builds, jobs, file errors and meta."""
 
-    def add_build(self, model_fingerprint: str, index_type: str, count: int, path: str, device: str) -> int:
-        """Record an index build in progress (status 'building')."""
+    def add_build(
+        self, model_fingerprint: str, index_type: str, count: int, path: str, device: str, checks: dict | None = None
+    ) -> int:
+        """Record an index build in progress (status 'building'), with what it was checked against."""
         with self.session(write=True) as s:
             build = Build(
                 created_at=utcnow(),
@@ -90,6 +93,7 @@ class JobRepository(Repository):
                 path=path,
                 status="building",
                 device=device,
+                checks=checks,
             )
             s.add(build)
             s.flush()
@@ -121,6 +125,14 @@ class JobRepository(Repository):
         """Every build recorded, oldest first."""
         with self.session() as s:
             return [_build_dict(b) for b in s.scalars(select(Build).order_by(Build.id))]
+
+    def set_build_checks(self, build_id: int, checks: dict) -> None:
+        """Record what a build was checked against (recall@10, calibration sample size)."""
+        with self.session(write=True) as s:
+            build = s.get(Build, build_id)
+            if build is None:
+                raise NotFound(f"no index build with id {build_id}")
+            build.checks = checks
 
     def live_build(self) -> dict | None:
         with self.session() as s:

@@ -170,6 +170,8 @@ class Build(Base):
     device: Mapped[str] = mapped_column(String)
     # sha256 of the index file (migration 0002); None for builds made before it.
     checksum: Mapped[str | None] = mapped_column(String)
+    # What the build was checked against before publishing: recall@10 vs exact search, calibration sample.
+    checks: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Job(Base):
@@ -198,6 +200,25 @@ class FileError(Base):
     path: Mapped[str] = mapped_column(String)
     reason: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime]
+
+
+class QueryLogEntry(Base):
+    """One query as an admin reads it back: never the image itself, only its content hash."""
+
+    __tablename__ = "query_log"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    kind: Mapped[str] = mapped_column(String)
+    text: Mapped[str | None] = mapped_column(Text)
+    image_hash: Mapped[str | None] = mapped_column(String)
+    tile_id: Mapped[int | None]
+    filters: Mapped[dict[str, Any]]
+    options: Mapped[dict[str, Any]]
+    model_fingerprint: Mapped[str | None] = mapped_column(String)
+    build_id: Mapped[int | None]
+    results: Mapped[int]
+    duration_ms: Mapped[float] = mapped_column(Float)
 
 
 class MetaItem(Base):

@@ -28,7 +28,9 @@ from search.storage.database import (
     upgrade,
 )
 from search.storage.eval_runs import EvalRunRepository
+from search.storage.grid import GridRepository
 from search.storage.jobs import JobRepository
+from search.storage.query_log import QueryLogRepository
 from search.storage.schema import Case, Embedding, Slide, Source, TextItem, Tile
 from search.storage.segments import VectorSegments
 from search.storage.slides import SlideRepository
@@ -49,7 +51,16 @@ def _make_data_dir(folder: Path) -> None:
         ) from None
 
 
-class Store(SourceRepository, TileRepository, SlideRepository, TextRepository, JobRepository, EvalRunRepository):
+class Store(
+    SourceRepository,
+    TileRepository,
+    SlideRepository,
+    TextRepository,
+    JobRepository,
+    EvalRunRepository,
+    QueryLogRepository,
+    GridRepository,
+):
     """All reads and writes of the histosearch database; one instance per process is enough."""
 
     def __init__(self, db_url: str, vectors_dir: Path | None = None) -> None:

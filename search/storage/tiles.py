@@ -254,6 +254,18 @@ class TileRepository(Repository):
             )
         return self._vectors_of([found[i] for i in tile_ids])
 
+    def find_embeddings(self, tile_ids: list[int], model_fingerprint: str) -> tuple[list[int], np.ndarray]:
+        """(ids, vectors [n, d]) of those ``tile_ids`` that have a vector under the model, in their order."""
+        found: dict[int, bytes] = {}
+        with self.session() as s:
+            for chunk in chunks(list(dict.fromkeys(tile_ids))):
+                stmt = select(Embedding.tile_id, Embedding.vector).where(
+                    Embedding.tile_id.in_(chunk), Embedding.model_fingerprint == model_fingerprint
+                )
+                found.update((i, v) for i, v in s.execute(stmt))
+        ids = [i for i in tile_ids if i in found]
+        return ids, decode_vectors([found[i] for i in ids])
+
     def get_tiles(self, tile_ids: list[int]) -> list[dict]:
         """Tiles in the order of ``tile_ids`` with their source, slide and case; missing ids are skipped."""
         found: dict[int, dict] = {}

@@ -9,9 +9,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from search.core.errors import BadQuery
 
-from ..deps import EngineDep, FiltersDep, FormFiltersDep, TileQuery, UploadedImage
+from ..deps import EngineDep, FiltersDep, FormFiltersDep, FormOptionsDep, OptionsDep, TileQuery, UploadedImage
 from ..pages import query_context, render
-from ..urls import cases_links, clean_url, filter_params, url_with
+from ..urls import cases_links, clean_url, filter_params, option_params, url_with
 
 router = APIRouter()
 
@@ -26,6 +26,7 @@ def cases_page(
     request: Request,
     engine: EngineDep,
     filters: FiltersDep,
+    options: OptionsDep,
     q: str = "",
     image: str = "",
     tile: TileQuery = None,
@@ -36,7 +37,7 @@ def cases_page(
     if (clean := clean_url(request)) is not None:
         return RedirectResponse(clean, status_code=303)
     context = query_context(request, "cases", filters, q, k)
-    options = {"top_tiles": top_tiles, "per_case": per_case, "k": k, "filters": filters}
+    options = {"top_tiles": top_tiles, "per_case": per_case, "k": k, "filters": filters, "options": options}
     if q.strip():
         context.update(mode="text", result=engine.cases(text=q, **options))
     elif image:
@@ -51,16 +52,22 @@ def cases_page(
 
 @router.post("/cases/image", include_in_schema=False)
 def cases_image_form(
-    engine: EngineDep, image: UploadedImage, filters: FormFiltersDep, k: Annotated[int, Form(ge=1)] = DEFAULT_CASES
+    engine: EngineDep,
+    image: UploadedImage,
+    filters: FormFiltersDep,
+    options: FormOptionsDep,
+    k: Annotated[int, Form(ge=1)] = DEFAULT_CASES,
 ) -> RedirectResponse:
-    ref = engine.image_ref(image)
-    return RedirectResponse(url_with("/cases", image=ref, k=k, **filter_params(filters)), status_code=303)
+    ref = engine.image_ref(image, options.tta)
+    params = {**filter_params(filters), **option_params(options)}
+    return RedirectResponse(url_with("/cases", image=ref, k=k, **params), status_code=303)
 
 
 @router.get("/api/cases", tags=["cases"])
 def api_cases(
     engine: EngineDep,
     filters: FiltersDep,
+    options: OptionsDep,
     q: Annotated[str | None, Query(description="a morphology description")] = None,
     image: Annotated[str | None, Query(description="the image reference an image query returned")] = None,
     tile: TileQuery = None,
@@ -72,7 +79,14 @@ def api_cases(
     if sum(x is not None for x in (q, image, tile)) != 1:
         raise BadQuery("give exactly one of q=<text>, image=<reference> or tile=<tile id>")
     result = engine.cases(
-        text=q, image=image, tile_id=tile, top_tiles=top_tiles, per_case=per_case, k=k, filters=filters
+        text=q,
+        image=image,
+        tile_id=tile,
+        top_tiles=top_tiles,
+        per_case=per_case,
+        k=k,
+        filters=filters,
+        options=options,
     )
     return cases_links(result)
 
@@ -82,9 +96,11 @@ def api_cases_image(
     engine: EngineDep,
     image: UploadedImage,
     filters: FormFiltersDep,
+    options: FormOptionsDep,
     k: Annotated[int, Form(ge=1)] = DEFAULT_CASES,
     top_tiles: Annotated[int, Form(ge=1)] = 200,
     per_case: Annotated[int, Form(ge=1)] = 3,
 ) -> dict:
     """Cases like an uploaded patch (multipart field ``image``)."""
-    return cases_links(engine.cases(image=image, top_tiles=top_tiles, per_case=per_case, k=k, filters=filters))
+    result = engine.cases(image=image, top_tiles=top_tiles, per_case=per_case, k=k, filters=filters, options=options)
+    return cases_links(result)

@@ -1,0 +1,137 @@
+"""A page of ranked results: exact scores, spread across slides, calibrated and explained.
+
+1. FAISS returns candidates (over-fetched ``rerank_factor`` times for an approximate index).
+2. Every candidate is re-scored by the exact cosine of its stored vector and re-sorted, so the scores
+   shown are exact whatever the index type.
+3. Hits are flagged when their scale (um/px) is far from the query's, and dropped with ``same_scale``.
+4. Adjacent tiles of a slide are merged, each slide capped at ``max_per_slide`` results, and for
+   "exclude this case" the query tile's case left out (``spread.py``). When that leaves the page short,
+   the search goes deeper.
+5. The page's hits get calibrated scores (``calibration.py``) and their best terms (``explain.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from search.core.settings import Settings
+from search.storage.store import Store
+from search.storage.vectors import LiveIndex
+
+from .cache import LRU
+from .calibration import Calibration
+from .explain import Explainer
+from .filters import Filters
+from .options import SearchOptions
+from .query import Query
+from .ranking import MAX_DEPTH, hits_of, nearest
+from .spread import spread
+
+# How much deeper than the page a spread search looks at first, and grows by when the page comes up short.
+SPREAD_DEPTH = 2
+GROWTH = 4
+# Grid steps of this many slides are kept per build (a slide's grid does not change within a build).
+STEP_CACHE_SIZE = 100_000
+
+
+def rerank(store: Store, query: Query, pairs: list[tuple[int, float]]) -> tuple[list[tuple[int, float]], dict]:
+    """``pairs`` re-scored by the exact cosine of their stored vectors, best first (ties by id); tiles
+    with no stored vector (deleted since the build) are left out. Also returns {id: vector}."""
+    ids, vectors = store.find_embeddings([i for i, _ in pairs], query.build["model_fingerprint"])
+    if not ids:
+        return [], {}
+    scores = vectors @ query.vector.astype(np.float32)
+    order = sorted(range(len(ids)), key=lambda n: (-scores[n], ids[n]))
+    return [(ids[n], float(scores[n])) for n in order], dict(zip(ids, vectors, strict=True))
+
+
+def scale_mismatch(query_mpp: float | None, hit_mpp: float | None, tolerance: float) -> bool | None:
+    """Whether a hit's um/px is more than ``tolerance`` times off the query's; None when either is unknown."""
+    if not query_mpp or not hit_mpp:
+        return None
+    ratio = hit_mpp / query_mpp
+    return bool(ratio > tolerance or ratio < 1 / tolerance)
+
+
+class ResultPages:
+    def __init__(
+        self, settings: Settings, store: Store, live_index: LiveIndex, calibration: Calibration, explainer: Explainer
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.live_index = live_index
+        self.calibration = calibration
+        self.explainer = explainer
+        self._steps_cache = LRU(STEP_CACHE_SIZE)
+
+    def _steps(self, build_id: int, hits: list[dict]) -> dict[tuple[str, int | None], tuple[int, int]]:
+        """Grid steps of the hits' slides (those with positions), read once per slide and build."""
+        slides = {h["slide"] for h in hits if h["slide"] and h["x"] is not None}
+        missing = [s for s in slides if self._steps_cache.get((build_id, s)) is None]
+        if missing:
+            found = self.store.grid_steps(missing)
+            for slide in missing:
+                self._steps_cache.put((build_id, slide), {k: v for k, v in found.items() if k[0] == slide})
+        steps: dict[tuple[str, int | None], tuple[int, int]] = {}
+        for slide in slides:
+            steps.update(self._steps_cache.get((build_id, slide)))
+        return steps
+
+    def page(self, query: Query, k: int, offset: int, filters: Filters | None, options: SearchOptions) -> dict:
+        settings = self.settings
+        max_per_slide = settings.max_per_slide if options.max_per_slide is None else options.max_per_slide
+        threshold = settings.min_confidence if options.min_confidence is None else options.min_confidence
+        exclude_case = exclude_slide = None
+        if options.exclude_case and query.exclude is not None:
+            tile = self.store.get_tiles([query.exclude])[0]
+            exclude_case = tile["case_key"]
+            exclude_slide = None if exclude_case else tile["slide_key"]
+        need = offset + k
+        trimming = bool(max_per_slide or exclude_case or exclude_slide or options.same_scale)
+        depth = min(MAX_DEPTH, need * SPREAD_DEPTH if trimming else need)
+        index = self.live_index.get()
+        factor = 1 if index.index_type == "flat" else settings.rerank_factor
+        while True:
+            ask = min(depth * factor, MAX_DEPTH * factor)
+            pairs, total = nearest(self.live_index, self.store, query.vector, ask, filters, query.exclude)
+            exhausted = len(pairs) < ask
+            pairs, vectors = rerank(self.store, query, pairs)
+            hits = hits_of(self.store, pairs)
+            for hit in hits:
+                hit["scale_mismatch"] = scale_mismatch(query.mpp, hit["mpp"], settings.scale_tolerance)
+            if options.same_scale:
+                hits = [h for h in hits if not h["scale_mismatch"]]
+            steps = self._steps(query.build["id"], hits) if max_per_slide else {}
+            spread_hits = spread(
+                hits, max_per_slide=max_per_slide, steps=steps, exclude_case=exclude_case, exclude_slide=exclude_slide
+            )
+            if len(spread_hits.results) >= need or exhausted or depth >= MAX_DEPTH or not trimming:
+                break
+            depth = min(MAX_DEPTH, depth * GROWTH)
+        results = spread_hits.results[offset:need]
+        for rank, hit in enumerate(results, start=offset + 1):
+            hit["rank"] = rank
+        top_score = spread_hits.results[0]["score"] if spread_hits.results else None
+        calibration = self.calibration.annotate(query.build["id"], query.vector, results, top_score, threshold)
+        self.explainer.annotate(query.build, results, vectors, query.words)
+        return {
+            "query": query.names,
+            "filters": (filters or Filters()).to_dict(),
+            "options": options.to_dict(),
+            "k": k,
+            "offset": offset,
+            "total": total,
+            "calibration": calibration,
+            "spread": {
+                "max_per_slide": max_per_slide,
+                "merged": spread_hits.merged,
+                "hidden": spread_hits.hidden,
+                "excluded": spread_hits.excluded,
+                "exclude_case": exclude_case,
+                "exclude_slide": exclude_slide,
+            },
+            "query_mpp": query.mpp,
+            "exact_scores": True,
+            "index_type": index.index_type,
+            "results": results,
+        }
