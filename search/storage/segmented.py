@@ -179,7 +179,9 @@ class SegmentedIndex:
         if len(queries) <= SINGLE_THREAD_QUERIES:
             faiss.omp_set_num_threads(1)
         try:
-            if not (self.compressed and self._stored is not None):
+            # A single-file build from before segments names no model, so it has no stored vectors to re-rank
+            # on here; the engine re-ranks every page exactly all the same.
+            if not (self.compressed and self._stored is not None and self.manifest.model_fingerprint):
                 return self._merged(queries, k, allowed)
             fetch = max(k * RERANK_FACTOR, RERANK_MIN)
             _, candidates = self._merged(queries, fetch, allowed)

@@ -235,9 +235,7 @@ class TileRepository(Repository):
             yield ids, self._vectors_of(rows)
             last = int(ids[-1])
 
-    def get_embeddings(self, tile_ids: list[int], model_fingerprint: str) -> np.ndarray:
-        """Vectors [n, d] in the order of ``tile_ids``; NotFound names the tiles that have none."""
-        tile_ids = [int(i) for i in tile_ids]
+    def _embedding_rows(self, tile_ids: list[int], model_fingerprint: str) -> dict[int, tuple]:
         found: dict[int, tuple] = {}
         with self.session() as s:
             for chunk in chunks(list(dict.fromkeys(tile_ids))):
@@ -245,6 +243,12 @@ class TileRepository(Repository):
                     Embedding.tile_id.in_(chunk), Embedding.model_fingerprint == model_fingerprint
                 )
                 found.update((r[0], tuple(r)) for r in s.execute(stmt))
+        return found
+
+    def get_embeddings(self, tile_ids: list[int], model_fingerprint: str) -> np.ndarray:
+        """Vectors [n, d] in the order of ``tile_ids``; NotFound names the tiles that have none."""
+        tile_ids = [int(i) for i in tile_ids]
+        found = self._embedding_rows(tile_ids, model_fingerprint)
         missing = [i for i in tile_ids if i not in found]
         if missing:
             shown = ", ".join(str(i) for i in missing[:10]) + (" ..." if len(missing) > 10 else "")
@@ -256,15 +260,10 @@ class TileRepository(Repository):
 
     def find_embeddings(self, tile_ids: list[int], model_fingerprint: str) -> tuple[list[int], np.ndarray]:
         """(ids, vectors [n, d]) of those ``tile_ids`` that have a vector under the model, in their order."""
-        found: dict[int, bytes] = {}
-        with self.session() as s:
-            for chunk in chunks(list(dict.fromkeys(tile_ids))):
-                stmt = select(Embedding.tile_id, Embedding.vector).where(
-                    Embedding.tile_id.in_(chunk), Embedding.model_fingerprint == model_fingerprint
-                )
-                found.update((i, v) for i, v in s.execute(stmt))
+        tile_ids = [int(i) for i in tile_ids]
+        found = self._embedding_rows(tile_ids, model_fingerprint)
         ids = [i for i in tile_ids if i in found]
-        return ids, decode_vectors([found[i] for i in ids])
+        return ids, self._vectors_of([found[i] for i in ids])
 
     def get_tiles(self, tile_ids: list[int]) -> list[dict]:
         """Tiles in the order of ``tile_ids`` with their source, slide and case; missing ids are skipped."""
