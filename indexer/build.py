@@ -18,7 +18,12 @@ import numpy as np
 from search.core.errors import BuildRejected, IndexUnavailable
 from search.core.settings import Settings
 from search.storage import segmented
-from search.storage.build_checks import CALIBRATION_FILE, check_segmented_build, save_calibration_sample
+from search.storage.build_checks import (
+    CALIBRATION_FILE,
+    draw_calibration_sample,
+    measure_recall,
+    save_calibration_sample,
+)
 from search.storage.index_directory import IndexDirectory
 from search.storage.store import Store
 from search.storage.vectors import TRAIN_POINTS_PER_LIST, TRAIN_SEED, ivf_nlist
@@ -146,15 +151,19 @@ def publish(
         folder, settings.device, stored=lambda t, f: store.get_embeddings(t.tolist(), f)
     )
     _, text_vectors = store.text_matrix(fingerprint)
-    recall, sample = check_segmented_build(
+
+    def vectors_at(rows: np.ndarray) -> np.ndarray:
+        return store.get_embeddings(store_ids[rows].tolist(), fingerprint)
+
+    recall = measure_recall(
         index,
         store_ids,
         lambda: _batches(store, store_ids, fingerprint),
-        lambda ids: store.get_embeddings(ids.tolist(), fingerprint),
+        vectors_at,
         text_vectors,
-        calibration_size=settings.calibration_sample,
-        recall_queries=settings.recall_queries,
+        settings.recall_queries,
     )
+    sample = draw_calibration_sample(len(store_ids), settings.calibration_sample, vectors_at)
     store.set_build_checks(
         build_id, {**recall.as_dict(), "min_recall": settings.min_recall, "calibration_sample": len(sample)}
     )

@@ -41,16 +41,8 @@ class Recall:
                 "recall_queries": self.queries}  # fmt: skip
 
 
-def exact_top(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
-    """Tile ids [q, k] of the exact top-k inner products, a chunk of rows at a time."""
-    chunks = (
-        (ids[start : start + _CHUNK], vectors[start : start + _CHUNK]) for start in range(0, len(vectors), _CHUNK)
-    )
-    return exact_top_chunks(queries, chunks, k)
-
-
-def exact_top_chunks(queries: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> np.ndarray:
-    """Like :func:`exact_top` over (ids, vectors) chunks streamed from the store, so no whole matrix is held."""
+def exact_top(queries: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> np.ndarray:
+    """Tile ids [q, k] of the exact top-k inner products over (ids, vectors) chunks, so no whole matrix is held."""
     best_scores = np.full((len(queries), 0), -np.inf, np.float32)
     best_ids = np.zeros((len(queries), 0), np.int64)
     for chunk_ids_, chunk in chunks:
@@ -63,38 +55,55 @@ def exact_top_chunks(queries: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.
     return best_ids
 
 
-def _recall(index: VectorIndex, queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray) -> float | None:
-    if len(queries) == 0:
-        return None
-    k = min(RECALL_K, len(ids))
-    truth = exact_top(queries, vectors, ids, k)
-    _, found = index.search(queries, k)
-    hits = [len(set(t.tolist()) & set(f.tolist())) for t, f in zip(truth, found, strict=True)]
-    return float(np.mean(hits) / k)
+def _sample_rows(n: int, size: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    rng = rng if rng is not None else np.random.default_rng(SAMPLE_SEED)
+    return np.sort(rng.choice(n, min(size, n), replace=False))
 
 
 def measure_recall(
-    index: VectorIndex, ids: np.ndarray, vectors: np.ndarray, text_vectors: np.ndarray, queries: int
+    index,
+    ids: np.ndarray,
+    chunks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+    vectors_at: Callable[[np.ndarray], np.ndarray],
+    text_vectors: np.ndarray,
+    queries: int,
 ) -> Recall:
-    """Recall@10 of ``index`` against exact search over (``ids``, ``vectors``), the index's own content.
+    """Recall@10 of ``index`` against exact search over its own content: ``ids``, whose vectors ``chunks()``
+    streams as (ids, vectors) pairs and ``vectors_at(rows)`` reads by row.
 
     The queries are ``queries`` stored vectors drawn with a fixed seed and up to as many ``text_vectors``
     (the vocabulary), so two builds of the same content are measured on the same queries."""
     rng = np.random.default_rng(SAMPLE_SEED)
-    rows = np.sort(rng.choice(len(ids), min(queries, len(ids)), replace=False))
-    texts = text_vectors[np.sort(rng.choice(len(text_vectors), min(queries, len(text_vectors)), replace=False))]
-    images = _recall(index, vectors[rows], vectors, ids)
-    text = _recall(index, texts, vectors, ids) if len(texts) and texts.shape[1] == vectors.shape[1] else None
+    rows = _sample_rows(len(ids), queries, rng)
+    texts = text_vectors[_sample_rows(len(text_vectors), queries, rng)]
+    k = min(RECALL_K, len(ids))
+
+    def recall(query_vectors: np.ndarray) -> float | None:
+        if len(query_vectors) == 0:
+            return None
+        truth = exact_top(query_vectors, chunks(), k)
+        _, found = index.search(query_vectors, k)
+        hits = [len(set(t.tolist()) & set(f.tolist())) for t, f in zip(truth, found, strict=True)]
+        return float(np.mean(hits) / k)
+
+    image_queries = np.asarray(vectors_at(rows), np.float32)
+    images = recall(image_queries)
+    same_space = len(texts) and texts.shape[1] == image_queries.shape[1]
+    text = recall(np.asarray(texts, np.float32)) if same_space else None
     parts = [(r, n) for r, n in ((images, len(rows)), (text, len(texts))) if r is not None]
     total = sum(n for _, n in parts)
     overall = sum(r * n for r, n in parts) / total if total else 1.0
     return Recall(overall, images, text, total)
 
 
-def draw_calibration_sample(vectors: np.ndarray, size: int) -> np.ndarray:
-    """Stored vectors of ``size`` tiles drawn at random with a fixed seed: the build's calibration sample."""
-    rows = np.sort(np.random.default_rng(SAMPLE_SEED).choice(len(vectors), min(size, len(vectors)), replace=False))
-    return np.ascontiguousarray(vectors[rows], dtype=np.float32)
+def in_memory(ids: np.ndarray, vectors: np.ndarray) -> Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]:
+    """``chunks`` for :func:`measure_recall` over a matrix already in memory."""
+    return lambda: ((ids[i : i + _CHUNK], vectors[i : i + _CHUNK]) for i in range(0, len(vectors), _CHUNK))
+
+
+def draw_calibration_sample(n: int, size: int, vectors_at: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Stored vectors of ``size`` of the ``n`` tiles drawn at random with a fixed seed: the calibration sample."""
+    return np.ascontiguousarray(vectors_at(_sample_rows(n, size)), dtype=np.float32)
 
 
 def save_calibration_sample(path: Path, sample: np.ndarray) -> None:
@@ -128,8 +137,8 @@ def publish_build(
     """Check a new build (recall@10 vs exact, on the model's vocabulary too), save it with its calibration
     sample and publish it; a build below ``min_recall`` is recorded as failed and BuildRejected raised."""
     _, text_vectors = store.text_matrix(fingerprint)
-    recall = measure_recall(index, ids, vectors, text_vectors, recall_queries)
-    sample = draw_calibration_sample(vectors, calibration_size)
+    recall = measure_recall(index, ids, in_memory(ids, vectors), vectors.__getitem__, text_vectors, recall_queries)
+    sample = draw_calibration_sample(len(ids), calibration_size, vectors.__getitem__)
     checks = {**recall.as_dict(), "min_recall": min_recall, "calibration_sample": len(sample)}
     build_id = store.add_build(fingerprint, index.index_type, index.ntotal, "", index.device, checks)
     if recall.recall < min_recall:
@@ -145,42 +154,3 @@ def publish_build(
     directory.publish(build_id)
     store.set_build_status(build_id, "live")
     return store.live_build()
-
-
-def check_segmented_build(
-    index,
-    ids: np.ndarray,
-    chunks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
-    stored: Callable[[np.ndarray], np.ndarray],
-    text_vectors: np.ndarray,
-    *,
-    calibration_size: int,
-    recall_queries: int,
-) -> tuple[Recall, np.ndarray]:
-    """Recall@10 and the calibration sample of a build of segments, reading stored vectors in chunks.
-
-    The same fixed-seed draws as :func:`measure_recall` and :func:`draw_calibration_sample`, over the store's
-    ids instead of a matrix in memory: a build of millions of tiles is checked without holding its vectors."""
-    rng = np.random.default_rng(SAMPLE_SEED)
-    rows = np.sort(rng.choice(len(ids), min(recall_queries, len(ids)), replace=False))
-    texts = text_vectors[np.sort(rng.choice(len(text_vectors), min(recall_queries, len(text_vectors)), replace=False))]
-    k = min(RECALL_K, len(ids))
-
-    def recall(queries: np.ndarray) -> float | None:
-        if len(queries) == 0:
-            return None
-        truth = exact_top_chunks(queries, chunks(), k)
-        _, found = index.search(queries, k)
-        return float(np.mean([len(set(t.tolist()) & set(f.tolist())) for t, f in zip(truth, found, strict=True)]) / k)
-
-    dim = index.dim
-    images = recall(stored(ids[rows]).astype(np.float32))
-    text = recall(texts.astype(np.float32)) if len(texts) and texts.shape[1] == dim else None
-    parts = [(r, n) for r, n in ((images, len(rows)), (text, len(texts))) if r is not None]
-    total = sum(n for _, n in parts)
-    overall = sum(r * n for r, n in parts) / total if total else 1.0
-    sample_rows = np.sort(
-        np.random.default_rng(SAMPLE_SEED).choice(len(ids), min(calibration_size, len(ids)), replace=False)
-    )
-    sample = np.ascontiguousarray(stored(ids[sample_rows]), dtype=np.float32)
-    return Recall(overall, images, text, total), sample
