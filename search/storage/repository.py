@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine
+from sqlalchemy import Engine, Select
 from sqlalchemy.orm import Session
 
 from search.storage.dialect import upsert
@@ -68,6 +68,13 @@ class Repository:
         bind = self._writer if write else self.engine
         with Session(bind, expire_on_commit=False) as session, session.begin():
             yield session
+
+    def _id_vectors(self, stmt: Select[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [n], vectors float32 [n, d]) from a select of (id, vector blob) rows."""
+        with self.session() as s:
+            rows = s.execute(stmt).all()
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        return ids, decode_vectors([r[1] for r in rows])
 
     def _upsert_vectors(
         self, table: type[Embedding] | type[TextEmbedding], key: str, ids: list[int], vectors: np.ndarray, fp: str

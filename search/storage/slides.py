@@ -12,7 +12,7 @@ from sqlalchemy import delete, func, or_, select
 from search.core.errors import NotFound
 from search.storage import dialect
 from search.storage.index_directory import IndexDirectory
-from search.storage.repository import Repository, chunks, decode_vectors, iso, utcnow
+from search.storage.repository import Repository, chunks, iso, utcnow
 from search.storage.schema import Case, Slide, SlideVector, Source, Tile
 
 
@@ -142,10 +142,7 @@ class SlideRepository(Repository):
             .where(SlideVector.kind == kind)
             .order_by(SlideVector.slide_id)
         )
-        with self.session() as s:
-            rows = s.execute(stmt).all()
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        return ids, decode_vectors([r[1] for r in rows])
+        return self._id_vectors(stmt)
 
     def slide_vector_kinds(self) -> dict[str, dict]:
         """{kind: {"count", "model_fingerprint", "method", "updated_at"}} of the stored slide vectors."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sqlalchemy import insert, select
 
-from search.storage.repository import Repository, as_matrix, chunks, decode_vectors
+from search.storage.repository import Repository, as_matrix, chunks
 from search.storage.schema import TextEmbedding, TextItem
 
 
@@ -64,10 +64,7 @@ class TextRepository(Repository):
             .where(TextEmbedding.model_fingerprint == model_fingerprint)
             .order_by(TextEmbedding.text_id)
         )
-        with self.session() as s:
-            rows = s.execute(stmt).all()
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        return ids, decode_vectors([r[1] for r in rows])
+        return self._id_vectors(stmt)
 
     def get_texts(self, text_ids: list[int]) -> list[dict]:
         """Texts (id, corpus, text, tags) in the order of ``text_ids``; missing ids are skipped."""
