@@ -22,7 +22,9 @@ import faiss
 import numpy as np
 
 from bench._machine import describe_machine
-from search.storage.vectors import INDEX_TYPES, VectorIndex, choose_index_type, gpu_available
+from search.storage.gpu import gpu_available
+from search.storage.index_types import INDEX_TYPES, choose_index_type
+from search.storage.vectors import VectorIndex
 
 K = 10
 

@@ -200,7 +200,8 @@ def end_to_end_rows(
 
 def faiss_rows(report: Report, n: int, smoke: bool) -> None:
     from bench.ann import SyntheticEmbeddings
-    from search.storage.vectors import VectorIndex, gpu_available
+    from search.storage.gpu import gpu_available
+    from search.storage.vectors import VectorIndex
 
     if not gpu_available() and not smoke:
         report.add("faiss gpu", float("nan"), "", None, "the FAISS GPU build is not installed: unmeasured")

@@ -25,8 +25,8 @@ from search.storage.build_checks import (
     save_calibration_sample,
 )
 from search.storage.index_directory import IndexDirectory
+from search.storage.index_types import TRAIN_POINTS_PER_LIST, TRAIN_SEED, ivf_nlist
 from search.storage.store import Store
-from search.storage.vectors import TRAIN_POINTS_PER_LIST, TRAIN_SEED, ivf_nlist
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,10 @@ from indexer import build
 from search.core.settings import load_settings
 from search.storage import segmented
 from search.storage.index_directory import IndexDirectory
+from search.storage.live import LiveIndex
 from search.storage.segmented import SegmentedIndex
 from search.storage.store import Store
-from search.storage.vectors import LiveIndex, VectorIndex
+from search.storage.vectors import VectorIndex
 from tests.store_fixture import tile_row
 
 DIM = 16

@@ -1,9 +1,6 @@
-"""FAISS indexes, filtered search and the live index over published builds, with real FAISS in tmp_path."""
+"""FAISS indexes: build, filtered search, reconstruct, save and load, with real FAISS in tmp_path."""
 
 from __future__ import annotations
-
-import logging
-import threading
 
 import faiss
 import numpy as np
@@ -11,15 +8,9 @@ import pytest
 
 from search.core.errors import BadInput, BadQuery, ConfigError, IndexUnavailable, NotFound
 from search.storage import vectors
-from search.storage.index_directory import IndexDirectory
-from search.storage.vectors import (
-    APPROXIMATE_DEFAULT,
-    INDEX_TYPES,
-    LiveIndex,
-    VectorIndex,
-    choose_index_type,
-    gpu_available,
-)
+from search.storage.gpu import gpu_available
+from search.storage.index_types import APPROXIMATE_DEFAULT, INDEX_TYPES
+from search.storage.vectors import VectorIndex
 
 DIM = 32
 APPROXIMATE = [t for t in INDEX_TYPES if t != "flat"]
@@ -60,15 +51,6 @@ def brute_force(x: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> 
     scores = queries @ x.T
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(scores, order, axis=1), ids[order]
-
-
-def test_choose_index_type() -> None:
-    assert choose_index_type(10, "auto", exact_max=100) == "flat"
-    assert choose_index_type(100, "auto", exact_max=100) == "flat"
-    assert choose_index_type(101, "auto", exact_max=100) == APPROXIMATE_DEFAULT != "flat"
-    assert choose_index_type(10, "hnsw") == "hnsw"
-    with pytest.raises(ConfigError, match="unknown index type 'annoy'"):
-        choose_index_type(10, "annoy")
 
 
 def test_auto_builds_flat_then_the_default(data) -> None:
@@ -265,15 +247,6 @@ def test_bad_inputs(data) -> None:
         VectorIndex.build(ids[:10], x[:10], "flat", device="tpu")
 
 
-@pytest.mark.skipif(gpu_available(), reason="checks the fallback of a CPU-only FAISS build")
-def test_cuda_without_gpu_faiss_runs_on_cpu(data, caplog) -> None:
-    ids, x = data
-    with caplog.at_level(logging.WARNING, logger="search.storage.vectors"):
-        index = VectorIndex.build(ids[:50], x[:50], "flat", device="cuda")
-    assert index.device == "cpu"
-    assert "no GPU support" in caplog.text
-
-
 @pytest.mark.skipif(not gpu_available(), reason="needs the GPU FAISS build and a GPU")
 @pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq"])
 def test_gpu_matches_cpu(data, kind: str, monkeypatch) -> None:
@@ -289,73 +262,3 @@ def test_gpu_matches_cpu(data, kind: str, monkeypatch) -> None:
     allowed = ids[::5]
     scores, found = gpu.search(queries, 10, allowed=allowed)
     assert (found >= 0).all() and np.isin(found, allowed).all()
-
-
-def write_build(directory: IndexDirectory, build_id: int, n: int) -> None:
-    x = clustered(n, seed=build_id)
-    VectorIndex.build(np.arange(n), x, "flat", device="cpu").save(directory.build_path(build_id))
-
-
-def test_live_index_loads_and_reloads_after_publish(tmp_path) -> None:
-    directory = IndexDirectory(tmp_path / "index")
-    live = LiveIndex(directory, device="cpu")
-    with pytest.raises(IndexUnavailable, match="run `histosearch index PATH` first"):
-        live.get()
-    write_build(directory, 1, 10)
-    directory.publish(1)
-    first = live.get()
-    assert (first.ntotal, live.build_id) == (10, 1)
-    assert live.get() is first  # unchanged pointer: no reload
-    write_build(directory, 2, 20)
-    assert live.get() is first  # written but not published yet
-    directory.publish(2)
-    second = live.get()
-    assert (second.ntotal, live.build_id) == (20, 2)
-    assert live.get() is second
-
-
-def test_live_index_under_concurrent_publishes(tmp_path) -> None:
-    directory = IndexDirectory(tmp_path / "index")
-    write_build(directory, 1, 10)
-    directory.publish(1)
-    live = LiveIndex(directory, device="cpu")
-    errors: list[BaseException] = []
-    seen: set[int] = set()
-    stop = threading.Event()
-
-    def reader() -> None:
-        while not stop.is_set():
-            try:
-                seen.add(live.get().ntotal)
-            except BaseException as exc:  # noqa: BLE001 - collected and re-raised in the test thread
-                errors.append(exc)
-                return
-
-    threads = [threading.Thread(target=reader) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for build_id in range(2, 8):
-        write_build(directory, build_id, 10 * build_id)
-        directory.publish(build_id)
-    while live.build_id != 7:
-        live.get()
-    stop.set()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    assert seen <= {10 * b for b in range(1, 8)}
-    assert live.get().ntotal == 70
-
-
-def test_unpublish_makes_a_live_index_unavailable(tmp_path) -> None:
-    directory = IndexDirectory(tmp_path / "index")
-    ids = np.arange(3, dtype=np.int64)
-    vectors = np.eye(3, 8, dtype=np.float32)
-    VectorIndex.build(ids, vectors, "flat").save(directory.build_path(1))
-    directory.publish(1)
-    live = LiveIndex(directory, device="cpu")
-    assert live.get().ntotal == 3
-    directory.unpublish()
-    assert directory.live_build_id() is None
-    with pytest.raises(IndexUnavailable, match="histosearch index"):
-        live.get()

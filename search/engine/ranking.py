@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 
 from search.core.errors import BadQuery
+from search.storage.live import LiveIndex
 from search.storage.store import Store
-from search.storage.vectors import LiveIndex
 
 from .filters import Filters
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from search.core.settings import Settings
+from search.storage.live import LiveIndex
 from search.storage.store import Store
-from search.storage.vectors import LiveIndex
 
 from .cache import LRU
 from .calibration import Calibration

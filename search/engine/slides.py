@@ -21,9 +21,10 @@ from search.archives.readers.slide import SLIDE_EXTENSIONS, TIFF_EXTENSIONS, ope
 from search.core.errors import BadInput, BadQuery, IndexUnavailable, NotFound
 from search.core.settings import Settings
 from search.slides.aggregate import DESCRIPTIONS
+from search.storage.live import LiveIndex
 from search.storage.slides import slide_index_directory
 from search.storage.store import Store
-from search.storage.vectors import LiveIndex, VectorIndex
+from search.storage.vectors import VectorIndex
 
 from .query import QueryVectors
 from .ranking import check_page, nearest

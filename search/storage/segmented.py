@@ -29,18 +29,11 @@ import faiss
 import numpy as np
 
 from search.core.errors import BadQuery, IndexUnavailable
+from search.storage.gpu import _gpu_for, _resolve_device
 from search.storage.index_directory import INDEX_FILE_NAME, MANIFEST_NAME, IndexDirectory
-from search.storage.vectors import (
-    IVF_TYPES,
-    LiveIndex,
-    VectorIndex,
-    _as_ids,
-    _empty,
-    _gpu_for,
-    _new_index,
-    _resolve_device,
-    choose_index_type,
-)
+from search.storage.index_types import IVF_TYPES, _new_index, choose_index_type
+from search.storage.live import LiveIndex
+from search.storage.vectors import VectorIndex, _as_ids, _empty
 
 if TYPE_CHECKING:
     from search.storage.store import Store

@@ -1,34 +1,15 @@
-"""FAISS vector indexes over tile embeddings, and the live one a server holds (builds on disk: index_directory.py).
+"""One FAISS vector index over tile embeddings: build, filtered search, reconstruct, save and load.
 
-Embeddings are L2-normalised float32, so similarity is the inner product. Every index is an
-``IndexIDMap2`` whose ids are tile ids (int64, not contiguous: ids are never reused after deletes);
-``IDMap2`` keeps the reverse map that ``reconstruct`` needs.
-
-Index types:
-
-- ``flat``: exact inner product. The ``auto`` choice up to ``exact_max`` vectors.
-- ``ivf``: IVF-Flat (inverted lists of raw vectors). The ``auto`` choice past ``exact_max``: in
-  ``bench/ann.py`` at 1M vectors it keeps recall@10 >= 0.95 while searching >= 10x faster than ``flat``.
-- ``ivfpq``: IVF with product-quantised codes of ``dim // 4`` bytes (16x smaller than raw vectors); for
-  archives whose raw vectors do not fit in memory, at a recall cost (0.88 at 100k, 0.81 at 1M, 512-d).
-- ``ivfsq8``: IVF with 8-bit scalar-quantised vectors (4x smaller than raw ones; trains no more than ``ivf``).
-- ``hnsw``: HNSW graph (M=32) over raw vectors; CPU only (FAISS has no GPU HNSW).
-
-A GPU FAISS build (``faiss-gpu``) trains and searches ``flat``/``ivf``/``ivfpq`` on the GPU (``ivfpq`` only
-with at most 96 code bytes, which GPU IVFPQ supports: not at 512-d); the CPU form stays in memory for
-``reconstruct``, exact re-scoring and ``save``. The CPU build gives the same answers.
+Its kinds: index_types.py; running on a GPU: gpu.py; the live one a server holds: live.py; builds on disk:
+index_directory.py.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -40,181 +21,21 @@ except ImportError:  # neither FAISS build: they are extras so that the two neve
     ) from None
 
 from search.core.errors import BadInput, BadQuery, ConfigError, IndexUnavailable, NotFound
-from search.storage.index_directory import REPAIR, IndexDirectory
+from search.storage.gpu import _GPU_MAX_K, _Gpu, _gpu_capable, _gpu_for, _resolve_device, _to_gpu
+from search.storage.index_types import (
+    IVF_TYPES,
+    TRAIN_POINTS_PER_LIST,
+    TRAIN_SEED,
+    _inner,
+    _kind_of,
+    _new_index,
+    choose_index_type,
+)
 
-log = logging.getLogger(__name__)
-
-INDEX_TYPES = ("flat", "ivf", "ivfpq", "ivfsq8", "hnsw")
-# Types built on inverted lists: trained by k-means, searched with nprobe.
-IVF_TYPES = frozenset({"ivf", "ivfpq", "ivfsq8"})
-# `python -m bench.ann` at 1M synthetic 512-d vectors on 2 CPU cores: ivf (default nprobe 25) had the best
-# recall@10, 0.994, at 15x exact's batch and 96x its single-query speed; hnsw was faster (24x / 196x) at
-# recall 0.980 but is CPU-only, and its graph walk suffers more from filters and from text queries that
-# lie outside the image distribution; ivfpq reached 0.81.
-APPROXIMATE_DEFAULT = "ivf"
-
-HNSW_M = 32
-HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 128
-# k-means gets this many training points per inverted list (FAISS warns below 39, caps at 256):
-# a 1M-vector IVF build then takes about 2 minutes on 2 CPU cores.
-TRAIN_POINTS_PER_LIST = 64
-TRAIN_SEED = 1234
 # A filter admitting at most this many tiles is answered by scoring those vectors exactly.
 EXACT_FILTER_MAX = 50_000
 # Rows scored at once by the exact path: bounds its memory to (queries x this) floats.
 _EXACT_CHUNK = 16_384
-# FAISS GPU k-selection limit (k and nprobe).
-_GPU_MAX_K = 2048
-# Sub-quantizer counts (code bytes) the GPU IVFPQ kernels support.
-_GPU_PQ_CODE_BYTES = frozenset({1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96})
-
-
-def choose_index_type(n: int, requested: str = "auto", exact_max: int = 200_000) -> str:
-    """The index type to build for ``n`` vectors: ``requested`` itself, or for ``auto`` exact search
-    while ``n <= exact_max`` and the measured approximate default past it."""
-    if requested == "auto":
-        return "flat" if n <= exact_max else APPROXIMATE_DEFAULT
-    if requested not in INDEX_TYPES:
-        raise ConfigError(f"unknown index type {requested!r}: use one of auto, {', '.join(INDEX_TYPES)}")
-    return requested
-
-
-def ivf_nlist(n: int) -> int:
-    """Inverted lists for ``n`` vectors: about 4*sqrt(n), with enough points per list to train."""
-    return max(1, min(int(4 * math.sqrt(n)), n // 39, 65_536))
-
-
-def default_nprobe(nlist: int) -> int:
-    """Lists probed per query: grows like sqrt(nlist) (16 up to 1,600 lists, 25 at 4,000: the
-    benchmark's 1M size, recall@10 0.993), so the scanned share of the index shrinks as it grows."""
-    return min(nlist, max(16, round(0.4 * math.sqrt(nlist))))
-
-
-def pq_subquantizers(dim: int) -> int:
-    """PQ code bytes per vector: sub-vectors of 4 dims (2 below 128-d, where 4-dim codebooks
-    trained on a small index lose too much recall)."""
-    target = dim // (4 if dim >= 128 else 2)
-    return next(m for m in range(max(1, target), 0, -1) if dim % m == 0)
-
-
-def gpu_available() -> bool:
-    """Whether this FAISS build has GPU support and sees at least one GPU."""
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-@dataclass(frozen=True)
-class _Gpu:
-    """One GPU's FAISS resources and the lock every use of them takes.
-
-    One StandardGpuResources per device and process (each reserves scratch memory on the GPU), shared by
-    every index on that device: a live reload clones the new build onto it while request threads search the
-    old one. The resources are not thread-safe, so clone, train, add, search and free all hold ``lock``.
-    Re-entrant: a GPU index freed by the garbage collector inside a locked call must not deadlock.
-    """
-
-    number: int
-    resources: object
-    lock: threading.RLock
-
-
-_gpus: dict[int, _Gpu] = {}
-_gpus_lock = threading.Lock()
-
-
-def _gpu_for(gpu: int) -> _Gpu:
-    with _gpus_lock:
-        if gpu not in _gpus:
-            _gpus[gpu] = _Gpu(gpu, faiss.StandardGpuResources(), threading.RLock())
-        return _gpus[gpu]
-
-
-def _resolve_device(device: str) -> int | None:
-    """The GPU number to use, or None for the CPU."""
-    if device == "cpu":
-        return None
-    number = device.partition(":")[2]
-    if device not in ("auto", "cuda") and not (device.startswith("cuda:") and number.isdigit()):
-        raise ConfigError(f"device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    if not gpu_available():
-        if device != "auto":
-            # The device setting is shared with the model, which may well run on CUDA through torch
-            # while FAISS is the CPU build: the index then runs on the CPU, with the same answers.
-            log.warning("device=%s: this FAISS build has no GPU support, the index runs on the CPU", device)
-        return None
-    gpu = int(number or 0)
-    if gpu >= faiss.get_num_gpus():
-        raise ConfigError(f"device {device!r}: FAISS sees {faiss.get_num_gpus()} GPU(s)")
-    return gpu
-
-
-def _new_index(kind: str, dim: int, n: int, nprobe: int | None) -> faiss.IndexIDMap2:
-    ip = faiss.METRIC_INNER_PRODUCT
-    if kind == "flat":
-        inner = faiss.IndexFlatIP(dim)
-    elif kind == "hnsw":
-        inner = faiss.IndexHNSWFlat(dim, HNSW_M, ip)
-        inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-        inner.hnsw.efSearch = HNSW_EF_SEARCH
-    else:
-        nlist = ivf_nlist(n)
-        quantizer = faiss.IndexFlatIP(dim)
-        if kind == "ivf":
-            inner = faiss.IndexIVFFlat(quantizer, dim, nlist, ip)
-        elif kind == "ivfsq8":
-            inner = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, ip)
-        else:
-            inner = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_subquantizers(dim), 8, ip)
-            inner.pq.cp.seed = TRAIN_SEED
-        inner.own_fields = True
-        quantizer.this.disown()
-        inner.cp.seed = TRAIN_SEED
-        inner.nprobe = min(nlist, nprobe or default_nprobe(nlist))
-    index = faiss.IndexIDMap2(inner)
-    index.own_fields = True
-    inner.this.disown()
-    return index
-
-
-def _inner(index: faiss.Index) -> faiss.Index:
-    return faiss.downcast_index(index.index)
-
-
-def _kind_of(index: faiss.Index) -> str | None:
-    if not isinstance(index, faiss.IndexIDMap2) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
-        return None
-    inner = _inner(index)
-    # An IndexFlatIP, or the plain IndexFlat a GPU index copies back to, is an IndexFlat.
-    for cls, kind in (
-        (faiss.IndexFlat, "flat"),
-        (faiss.IndexIVFPQ, "ivfpq"),
-        (faiss.IndexIVFScalarQuantizer, "ivfsq8"),
-        (faiss.IndexIVFFlat, "ivf"),
-        (faiss.IndexHNSWFlat, "hnsw"),
-    ):
-        if isinstance(inner, cls):
-            return kind
-    return None
-
-
-def _gpu_capable(kind: str, index: faiss.Index) -> bool:
-    if kind == "hnsw":
-        return False
-    # GPU IVF refuses an nprobe past its k-selection limit when cloned: such an index searches on the CPU.
-    if kind in ("ivf", "ivfpq") and _inner(index).nprobe > _GPU_MAX_K:
-        return False
-    if kind == "ivfpq":
-        return _inner(index).pq.M in _GPU_PQ_CODE_BYTES
-    return True
-
-
-def _to_gpu(kind: str, index: faiss.Index, gpu: _Gpu) -> faiss.Index:
-    options = faiss.GpuClonerOptions()
-    # For IVFPQ this means float16 lookup tables, which GPU PQ needs past 48 code bytes to fit in
-    # shared memory; for flat it would store float16 vectors, so it is left off there.
-    options.useFloat16 = kind == "ivfpq"
-    with gpu.lock:
-        return faiss.index_cpu_to_gpu(gpu.resources, gpu.number, index, options)
 
 
 def _as_ids(ids: np.ndarray) -> np.ndarray:
@@ -477,81 +298,3 @@ class VectorIndex:
         if _kind_of(index) is None:
             raise IndexUnavailable(f"{path}: not a histosearch index: rebuild it with `histosearch index PATH`")
         return cls(index, _resolve_device(device))
-
-
-@dataclass(frozen=True)
-class _Loaded:
-    stamp: tuple[int, int, int]
-    build_id: int
-    index: Any
-
-
-class LiveIndex:
-    """What a server holds: the live build, loaded lazily and reloaded when the pointer changes
-    (one stat per call). Thread-safe: while one thread loads a new build, others keep using the old.
-
-    ``load`` reads a build id into an index (a build of segments: ``segmented.SegmentedIndex.load``);
-    by default the build's single ``index.faiss``. ``checksums``: a build's recorded sha256 (the store's
-    ``build_checksum``), checked at each load.
-    """
-
-    def __init__(
-        self,
-        directory: IndexDirectory,
-        device: str = "auto",
-        checksums: Callable[[int], str | None] | None = None,
-        load: Callable[[int], Any] | None = None,
-    ) -> None:
-        self.directory = directory
-        self.device = device
-        self.checksums = checksums
-        self._load = load or (lambda build_id: VectorIndex.load(directory.build_path(build_id), device))
-        self._loaded: _Loaded | None = None
-        self._reload_lock = threading.Lock()
-
-    @property
-    def build_id(self) -> int | None:
-        """The build id of the index ``get`` last returned."""
-        loaded = self._loaded
-        return loaded.build_id if loaded else None
-
-    def get(self) -> Any:
-        loaded = self._loaded
-        if loaded is not None and loaded.stamp == self.directory.pointer_stamp():
-            return loaded.index
-        if not self._reload_lock.acquire(blocking=loaded is None):
-            return loaded.index
-        try:
-            return self._reload()
-        finally:
-            self._reload_lock.release()
-
-    def _reload(self) -> Any:
-        # A few tries: two publishes in quick succession can remove the build the pointer named
-        # between reading the pointer and loading the file.
-        for _ in range(3):
-            stamp = self.directory.pointer_stamp()
-            loaded = self._loaded
-            if loaded is not None and loaded.stamp == stamp:
-                return loaded.index
-            build_id = self.directory.live_build_id()
-            if stamp is None or build_id is None:
-                raise IndexUnavailable(f"no index in {self.directory.root}: run `histosearch index PATH` first")
-            if loaded is not None and loaded.build_id == build_id:
-                index = loaded.index
-            else:
-                if not self.directory.has_build(build_id):
-                    continue
-                expected = self.checksums(build_id) if self.checksums is not None else None
-                if expected is not None and self.directory.checksum(build_id) != expected:
-                    raise IndexUnavailable(
-                        f"{self.directory.build_dir(build_id)}: damaged (it does not match its recorded checksum): "
-                        f"{REPAIR}"
-                    )
-                index = self._load(build_id)
-            self._loaded = _Loaded(stamp, build_id, index)
-            return index
-        raise IndexUnavailable(
-            f"{self.directory.pointer} names build {self.directory.live_build_id()}, whose index file is "
-            f"missing: {REPAIR}"
-        )

@@ -1,4 +1,5 @@
-"""The GPU branches of search/storage/vectors.py, run on the CPU through a stand-in for FAISS's GPU API.
+"""FAISS on the GPU (search/storage/gpu.py) and the GPU branches of VectorIndex, run on the CPU through a
+stand-in for FAISS's GPU API; and the CPU fallback of a FAISS build without one.
 
 The stand-in keeps a CPU clone as the "GPU replica" and behaves as FAISS GPU does where it matters: the
 resources object of a device is shared, is not thread-safe (every use records whether another one was in
@@ -8,6 +9,7 @@ progress on it), and a clone of an IVF index probing more lists than the k-selec
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 
@@ -15,7 +17,8 @@ import faiss
 import numpy as np
 import pytest
 
-from search.storage import vectors
+from search.storage import gpu, vectors
+from search.storage.gpu import gpu_available
 from search.storage.vectors import VectorIndex
 
 DIM = 16
@@ -99,8 +102,8 @@ def stand_in_gpu(monkeypatch) -> StandInResources:
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
     monkeypatch.setattr(faiss, "index_cpu_to_gpu", index_cpu_to_gpu, raising=False)
     monkeypatch.setattr(faiss, "index_gpu_to_cpu", index_gpu_to_cpu, raising=False)
-    monkeypatch.setattr(vectors, "_gpus", {})
-    vectors._gpu_for(0)
+    monkeypatch.setattr(gpu, "_gpus", {})
+    gpu._gpu_for(0)
     assert len(made) == 1
     return made[0]
 
@@ -177,6 +180,8 @@ def test_nprobe_past_the_gpu_limit_searches_on_the_cpu(stand_in_gpu, tmp_path) -
 def test_filtered_search_over_fetches_on_gpu_only_within_its_k_limit(stand_in_gpu, monkeypatch, every, on_gpu):
     # k=10 over 3000 vectors: a filter keeping 1 in 2 needs a fetch of 40 (within a limit of 64), one keeping
     # 1 in 50 a fetch of 1000: the CPU index with a selector answers, not the GPU plus exact scoring.
+    # The limit is read where an index is cloned (gpu.py) and where a search picks its device (vectors.py).
+    monkeypatch.setattr(gpu, "_GPU_MAX_K", 64)
     monkeypatch.setattr(vectors, "_GPU_MAX_K", 64)
     monkeypatch.setattr(vectors, "EXACT_FILTER_MAX", 0)
     x, ids = points(3000, 5), np.arange(3000, dtype=np.int64) * 2 + 1
@@ -191,3 +196,12 @@ def test_filtered_search_over_fetches_on_gpu_only_within_its_k_limit(stand_in_gp
     searches = [k for what, k in stand_in_gpu.calls if what == "search"]
     assert searches == ([40] if on_gpu else [])
     assert not exact_calls
+
+
+@pytest.mark.skipif(gpu_available(), reason="checks the fallback of a CPU-only FAISS build")
+def test_cuda_without_gpu_faiss_runs_on_cpu(caplog) -> None:
+    x, ids = points(50, 7), np.arange(50, dtype=np.int64)
+    with caplog.at_level(logging.WARNING, logger="search.storage.gpu"):
+        index = VectorIndex.build(ids, x, "flat", device="cuda")
+    assert index.device == "cpu"
+    assert "no GPU support" in caplog.text
