@@ -5,6 +5,9 @@ from the live build's trained quantiser, removed tiles join its deleted ids. The
 again only on request (``reindex --retrain``), when the index type changes (the collection crossed
 ``exact_max`` or ``compress_above``), or when the collection outgrew ``retrain_growth`` times the
 count it was trained for. Too many parts or deleted ids merge the parts, still without training.
+
+``Publisher`` decides whether a run publishes at all: when the store changed since the last published
+build (remembered across crashes), when the live build is damaged, or when it is asked to.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 
 # Vectors read from the store and added to FAISS at a time during a build.
 BATCH = 65_536
+# Meta key: "1" while the store holds changes that no published build has.
+DIRTY_KEY = "index_dirty"
 
 
 @dataclass(frozen=True)
@@ -179,3 +184,46 @@ def publish(
     directory.publish(build_id)
     store.set_build_status(build_id, "live")
     return store.live_build()
+
+
+class Publisher:
+    def __init__(self, store: Store, directory: IndexDirectory, settings: Settings) -> None:
+        self.store = store
+        self.directory = directory
+        self.settings = settings
+        self._dirty = False
+        # What ``update`` found wrong with the live index on disk, when it rebuilt it for that.
+        self.damage: str | None = None
+
+    def mark_dirty(self) -> None:
+        """Remember, across crashes, that the store changed since the last published index: a run killed
+        between its commits and the publish leaves the next run a rebuild to do even if it finds no work."""
+        if not self._dirty:
+            self.store.set_meta(DIRTY_KEY, "1")
+            self._dirty = True
+
+    def update(self, fingerprint: str, force: bool = False, retrain: bool = False) -> dict | None:
+        """The live build of the stored vectors under ``fingerprint``, after publishing a new one when it is not
+        current, is damaged, or ``force`` or ``retrain`` (train the quantiser again) asks for one."""
+        count = self.store.counts()["embedded_by_model"].get(fingerprint, 0)
+        live = self.store.live_build()
+        settings = self.settings
+        requested = segmented.choose_kind(count, settings.index_type, settings.exact_max, settings.compress_above)
+        # Counts and types say whether the index is current; only the file itself says whether it is sound.
+        self.damage = self.directory.problem(live)
+        if (
+            not force
+            and not retrain
+            and self.damage is None
+            and self.store.get_meta(DIRTY_KEY) != "1"
+            and live
+            and live["model_fingerprint"] == fingerprint
+            and live["count"] == count
+            and live["index_type"] == requested
+        ):
+            return live
+        # A damaged live build is nothing to add to: build afresh.
+        build = publish(self.store, self.directory, fingerprint, settings, retrain=retrain or self.damage is not None)
+        self.store.set_meta(DIRTY_KEY, "0")
+        self._dirty = False
+        return build
