@@ -24,6 +24,7 @@ import resource
 import shutil
 import tempfile
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -149,9 +150,14 @@ class _QueryVectors:
 
     def __init__(self, vectors: dict[str, np.ndarray]) -> None:
         self.vectors = vectors
+        self.mixture = SyntheticEmbeddings(DIM)
 
     def encode_texts(self, texts: list[str], templates: object = None) -> np.ndarray:
-        return np.stack([self.vectors[t] for t in texts])
+        # Words the engine embeds on its own (a hit's match on the query's words) get a draw of their own.
+        return np.stack([self.vectors[t] if t in self.vectors else self._draw(t) for t in texts])
+
+    def _draw(self, text: str) -> np.ndarray:
+        return self.mixture.sample(1, seed=zlib.crc32(text.encode()))[0]
 
 
 def query(data_dir: Path, n: int, compress_above: int | None) -> dict:

@@ -77,9 +77,15 @@ def plan(
 
 
 def _batches(store: Store, ids: np.ndarray, fingerprint: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for chunk, vectors, _ in _located_batches(store, ids, fingerprint):
+        yield chunk, vectors
+
+
+def _located_batches(store: Store, ids: np.ndarray, fingerprint: str) -> Iterator[segmented.LocatedBatch]:
+    """(ids, vectors, locations in the vector files) a batch at a time: what an index part is written from."""
     for start in range(0, len(ids), BATCH):
         chunk = ids[start : start + BATCH]
-        yield chunk, store.get_embeddings(chunk.tolist(), fingerprint)
+        yield chunk, *store.locate_embeddings(chunk.tolist(), fingerprint)
 
 
 def _sample(store: Store, ids: np.ndarray, kind: str, fingerprint: str) -> np.ndarray:
@@ -130,7 +136,7 @@ def publish(
             fingerprint=fingerprint,
             n=len(store_ids),
             sample=_sample(store, store_ids, kind, fingerprint),
-            batches=_batches(store, store_ids, fingerprint),
+            batches=_located_batches(store, store_ids, fingerprint),
             device=settings.device,
         )
     elif todo.mode == "merge":
@@ -139,7 +145,7 @@ def publish(
             build_id,
             directory.build_dir(live_id),
             live.manifest,
-            _batches(store, store_ids, fingerprint),
+            _located_batches(store, store_ids, fingerprint),
         )
     else:
         segmented.write_incremental(
@@ -148,12 +154,16 @@ def publish(
             directory.build_dir(live_id),
             live.manifest,
             live.deleted,
-            _batches(store, todo.added, fingerprint) if len(todo.added) else None,
+            _located_batches(store, todo.added, fingerprint) if len(todo.added) else None,
             todo.removed,
         )
     # Checked before it goes live: recall@10 against exact search, and the calibration sample (issue 10).
     index = segmented.SegmentedIndex.load(
-        folder, settings.device, stored=lambda t, f: store.get_embeddings(t.tolist(), f)
+        folder,
+        settings.device,
+        stored=lambda t, f: store.find_embeddings(t.tolist(), f),
+        located=store.read_located,
+        rerank_factor=settings.rerank_factor,
     )
     _, text_vectors = store.text_matrix(fingerprint)
 

@@ -45,7 +45,7 @@ class Archive:
 
     def live(self) -> SegmentedIndex:
         folder = self.directory.build_dir(self.directory.live_build_id())
-        return SegmentedIndex.load(folder, "cpu", stored=self.store.get_embeddings)
+        return SegmentedIndex.load(folder, "cpu", stored=self.store.find_embeddings, located=self.store.read_located)
 
     def exact(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         ids = self.store.embedded_ids("m1")
@@ -158,6 +158,13 @@ def test_crossing_exact_max_changes_the_index_type_with_a_full_build(tmp_path: P
     archive.store.close()
 
 
+@pytest.fixture
+def archive_ivfsq8(tmp_path: Path):
+    archive = Archive(tmp_path, compress_above=1000)
+    yield archive
+    archive.store.close()
+
+
 @pytest.mark.parametrize(
     ("options", "kind"), [({"compress_above": 1000}, "ivfsq8"), ({"index_type": "ivfpq"}, "ivfpq")]
 )
@@ -173,6 +180,7 @@ def test_compressed_indexes_show_exact_scores_of_the_stored_vectors(tmp_path: Pa
     assert (np.diff(scores, axis=1) <= 0).all()
     # Without the stored vectors the scores are the PQ approximations, which differ.
     raw = SegmentedIndex.load(archive.directory.build_dir(1), "cpu")
+    assert index.exact_scores and not raw.exact_scores  # the engine re-ranks the raw one's pages itself
     raw_scores, raw_ids = raw.search(queries, 10)
     assert np.abs(raw_scores[raw_ids == ids] - scores[raw_ids == ids]).max() > 1e-4
     # The re-ranked answers match exact search on the stored vectors.
@@ -180,6 +188,46 @@ def test_compressed_indexes_show_exact_scores_of_the_stored_vectors(tmp_path: Pa
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), exact_ids.tolist(), strict=True)])
     assert recall >= 0.9
     archive.store.close()
+
+
+def test_re_ranks_read_the_stored_vectors_where_each_part_recorded_them(archive_ivfsq8: Archive) -> None:
+    archive = archive_ivfsq8
+    first = archive.add(1200, seed=1)
+    archive.publish()
+    late = archive.add(60, seed=2)
+    archive.publish()
+    folder = archive.directory.build_dir(archive.directory.live_build_id())
+    assert {p.name for p in folder.glob("*.loc.npy")} == {"part-1.loc.npy", "part-2.loc.npy"}
+    queries = archive.store.get_embeddings([first[5], late[3]], "m1")
+
+    def no_database(ids: np.ndarray, fingerprint: str) -> tuple:
+        raise AssertionError(f"looked up {len(ids)} stored vectors in the database")
+
+    index = SegmentedIndex.load(folder, "cpu", stored=no_database, located=archive.store.read_located)
+    assert index.exact_scores
+    exact_scores, exact_ids = archive.exact(queries, 10)
+    scores, ids = index.search(queries, 10)
+    assert ids[:, 0].tolist() == [first[5], late[3]]
+    np.testing.assert_allclose(scores, exact_scores, atol=1e-6)
+    # A filter admitting few tiles (across both parts) is scored exactly on all of them.
+    allowed = np.array(first[100:140] + late[:10])
+    scores, ids = index.search(queries, 5, allowed=allowed)
+    stored = archive.store.get_embeddings(allowed.tolist(), "m1")
+    truth = np.sort(queries @ stored.T, axis=1)[:, ::-1][:, :5]
+    np.testing.assert_allclose(scores, truth, atol=1e-6)
+    assert set(ids.ravel().tolist()) <= set(allowed.tolist())
+    # A part written before locations were recorded: its vectors come from the database instead.
+    (folder / "part-1.loc.npy").unlink()
+    looked_up = []
+
+    def database(ids: np.ndarray, fingerprint: str) -> tuple:
+        looked_up.extend(ids.tolist())
+        return archive.store.find_embeddings(ids.tolist(), fingerprint)
+
+    index = SegmentedIndex.load(folder, "cpu", stored=database, located=archive.store.read_located)
+    scores, ids = index.search(queries, 10)
+    np.testing.assert_allclose(scores, exact_scores, atol=1e-6)
+    assert looked_up and set(looked_up) <= set(first)
 
 
 def test_vectors_stored_but_never_published_are_published_by_the_next_run(archive: Archive) -> None:

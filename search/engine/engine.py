@@ -31,7 +31,7 @@ from .filters import Filters
 from .options import SearchOptions
 from .query import Query, QueryVectors
 from .query_log import QueryLog
-from .ranking import MAX_DEPTH, check_page, hit, hits_of, nearest
+from .ranking import MAX_DEPTH, AllowedIds, check_page, hit, hits_of, nearest
 from .results import ResultPages
 from .slides import SlideSearch
 from .tiles import TileImages, get_tile
@@ -46,14 +46,17 @@ class Engine:
         self._owns_store = store is None
         self.store = store if store is not None else Store.from_settings(settings)
         self.index_directory = IndexDirectory(settings.data_dir / "index")
-        self.live_index = live_tile_index(self.index_directory, self.store, settings.device)
+        self.live_index = live_tile_index(self.index_directory, self.store, settings.device, settings.rerank_factor)
+        self.allowed_ids = AllowedIds(self.store)
         self.queries = QueryVectors(settings, self.store, encoder)
         self.texts = TextRanker(self.store)
         self.images = TileImages(settings, self.store)
-        self.slides = SlideSearch(settings, self.store, self.live_index, self.queries, self.images)
+        self.slides = SlideSearch(settings, self.store, self.live_index, self.allowed_ids, self.queries, self.images)
         self.calibration = Calibration(self.index_directory)
         self.explainer = Explainer(self.store, self.texts, self.queries)
-        self.pages = ResultPages(settings, self.store, self.live_index, self.calibration, self.explainer)
+        self.pages = ResultPages(
+            settings, self.store, self.live_index, self.allowed_ids, self.calibration, self.explainer
+        )
         self.log = QueryLog(settings, self.store)
         self._facets: tuple[tuple, float, dict] | None = None
         self._facets_lock = threading.Lock()
@@ -125,7 +128,7 @@ class Engine:
         if not 1 <= top_tiles <= MAX_DEPTH:
             raise BadQuery(f"top_tiles must be between 1 and {MAX_DEPTH}, got {top_tiles}")
         query = self._query(options or SearchOptions(), text=text, image=image, tile_id=tile_id)
-        pairs, total = nearest(self.live_index, self.store, query.vector, top_tiles, filters, query.exclude)
+        pairs, total = nearest(self.live_index, self.allowed_ids, query.vector, top_tiles, filters, query.exclude)
         cutoff = pairs[-1][1] if pairs else 0.0
         truncated = len(pairs) == top_tiles and total > top_tiles
         grouped = group_cases(hits_of(self.store, pairs), per_case=per_case, k=k, cutoff=cutoff if truncated else None)

@@ -10,10 +10,13 @@ from search.core.errors import BadQuery
 from search.storage.live import LiveIndex
 from search.storage.store import Store
 
+from .cache import LRU
 from .filters import Filters
 
 # Pages are served down to this rank: deeper paging would make FAISS return ever larger k.
 MAX_DEPTH = 10_000
+# Filtered queries keep the admitted ids of their filters, up to this many ids in all (8 bytes each).
+ALLOWED_CACHE_IDS = 4_000_000
 
 
 def check_page(k: int, offset: int, max_k: int) -> None:
@@ -26,9 +29,30 @@ def check_page(k: int, offset: int, max_k: int) -> None:
         raise BadQuery(f"results are served down to rank {MAX_DEPTH}; offset + k is {offset + k}")
 
 
+class AllowedIds:
+    """The sorted tile ids a filter admits, kept per live build.
+
+    Reading them is most of a filtered query's time (a case holds thousands of tiles), and a user pages and
+    re-queries within one case. The ids are read when the build is live; tiles added since are not in its
+    index, and tiles deleted since drop out of the hits as they do without a filter."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._cache = LRU(ALLOWED_CACHE_IDS)
+
+    def __call__(self, build_id: int | None, filters: Filters) -> np.ndarray:
+        key = (build_id, filters.source, filters.slide, filters.case, tuple(sorted(filters.meta.items())))
+        allowed = self._cache.get(key)
+        if allowed is None:
+            allowed = self.store.tile_ids_matching(filters.source, filters.slide, filters.case, dict(filters.meta))
+            allowed.flags.writeable = False  # shared between threads
+            self._cache.put(key, allowed, size=max(1, len(allowed)))
+        return allowed
+
+
 def nearest(
     live_index: LiveIndex,
-    store: Store,
+    allowed_ids: AllowedIds,
     vector: np.ndarray,
     depth: int,
     filters: Filters | None,
@@ -39,7 +63,7 @@ def nearest(
     allowed = None
     total = index.ntotal
     if filters:
-        allowed = store.tile_ids_matching(filters.source, filters.slide, filters.case, dict(filters.meta))
+        allowed = allowed_ids(live_index.build_id, filters)
         total = len(allowed)
         if total == 0:
             return [], 0

@@ -1,8 +1,9 @@
 """A page of ranked results: exact scores, spread across slides, calibrated and explained.
 
-1. FAISS returns candidates (over-fetched ``rerank_factor`` times for an approximate index).
-2. Every candidate is re-scored by the exact cosine of its stored vector and re-sorted, so the scores
-   shown are exact whatever the index type.
+1. The live index returns candidates with exact scores: flat and IVF-Flat score exactly, and a compressed
+   build over-fetches ``rerank_factor`` times and re-ranks on the stored vectors itself (``segmented.py``).
+2. Only a compressed build from before segments (no stored vectors named) is over-fetched and re-scored here,
+   so the scores shown are exact whatever the index type.
 3. Hits are flagged when their scale (um/px) is far from the query's, and dropped with ``same_scale``.
 4. Adjacent tiles of a slide are merged, each slide capped at ``max_per_slide`` results, and for
    "exclude this case" the query tile's case left out (``spread.py``). When that leaves the page short,
@@ -24,7 +25,7 @@ from .explain import Explainer
 from .filters import Filters
 from .options import SearchOptions
 from .query import Query
-from .ranking import MAX_DEPTH, hits_of, nearest
+from .ranking import MAX_DEPTH, AllowedIds, hits_of, nearest
 from .spread import spread
 
 # How much deeper than the page a spread search looks at first, and grows by when the page comes up short.
@@ -34,12 +35,18 @@ GROWTH = 4
 STEP_CACHE_SIZE = 100_000
 
 
-def rerank(store: Store, query: Query, pairs: list[tuple[int, float]]) -> tuple[list[tuple[int, float]], dict]:
-    """``pairs`` re-scored by the exact cosine of their stored vectors, best first (ties by id); tiles
-    with no stored vector (deleted since the build) are left out. Also returns {id: vector}."""
+def rerank(
+    store: Store, query: Query, pairs: list[tuple[int, float]], rescore: bool = True
+) -> tuple[list[tuple[int, float]], dict]:
+    """``pairs`` re-scored by the exact cosine of their stored vectors, best first (ties by id), or as they
+    are when their scores are exact already (``rescore=False``); tiles with no stored vector (deleted since
+    the build) are left out. Also returns {id: vector}."""
     ids, vectors = store.find_embeddings([i for i, _ in pairs], query.build["model_fingerprint"])
     if not ids:
         return [], {}
+    if not rescore:
+        kept = set(ids)
+        return [p for p in pairs if p[0] in kept], dict(zip(ids, vectors, strict=True))
     scores = vectors @ query.vector.astype(np.float32)
     order = sorted(range(len(ids)), key=lambda n: (-scores[n], ids[n]))
     return [(ids[n], float(scores[n])) for n in order], dict(zip(ids, vectors, strict=True))
@@ -55,11 +62,18 @@ def scale_mismatch(query_mpp: float | None, hit_mpp: float | None, tolerance: fl
 
 class ResultPages:
     def __init__(
-        self, settings: Settings, store: Store, live_index: LiveIndex, calibration: Calibration, explainer: Explainer
+        self,
+        settings: Settings,
+        store: Store,
+        live_index: LiveIndex,
+        allowed_ids: AllowedIds,
+        calibration: Calibration,
+        explainer: Explainer,
     ) -> None:
         self.settings = settings
         self.store = store
         self.live_index = live_index
+        self.allowed_ids = allowed_ids
         self.calibration = calibration
         self.explainer = explainer
         self._steps_cache = LRU(STEP_CACHE_SIZE)
@@ -89,13 +103,16 @@ class ResultPages:
         need = offset + k
         trimming = bool(max_per_slide or exclude_case or exclude_slide or options.same_scale)
         depth = min(MAX_DEPTH, need * SPREAD_DEPTH if trimming else need)
+        # Flat and IVF-Flat scores are exact, and a segmented compressed build re-ranks its own candidates on
+        # the stored vectors: only a compressed build from before segments needs over-fetching and re-ranking here.
         index = self.live_index.get()
-        factor = 1 if index.index_type == "flat" else settings.rerank_factor
+        exact = index.exact_scores
+        factor = 1 if exact else settings.rerank_factor
         while True:
             ask = min(depth * factor, MAX_DEPTH * factor)
-            pairs, total = nearest(self.live_index, self.store, query.vector, ask, filters, query.exclude)
+            pairs, total = nearest(self.live_index, self.allowed_ids, query.vector, ask, filters, query.exclude)
             exhausted = len(pairs) < ask
-            pairs, vectors = rerank(self.store, query, pairs)
+            pairs, vectors = rerank(self.store, query, pairs, rescore=not exact)
             hits = hits_of(self.store, pairs)
             for hit in hits:
                 hit["scale_mismatch"] = scale_mismatch(query.mpp, hit["mpp"], settings.scale_tolerance)

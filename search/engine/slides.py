@@ -27,7 +27,7 @@ from search.storage.store import Store
 from search.storage.vectors import VectorIndex
 
 from .query import QueryVectors
-from .ranking import check_page, nearest
+from .ranking import AllowedIds, check_page, nearest
 from .tiles import TileImages
 
 KINDS = ("mean", "medoid", "wsc")
@@ -70,11 +70,12 @@ def tile_grid(tiles: list[dict]) -> dict | None:
 class SlideSearch:
     """The slide half of the engine; it shares the engine's store, tile index, query vectors and tile images."""
 
-    def __init__(self, settings: Settings, store: Store, live_index: LiveIndex, queries: QueryVectors,
-                 images: TileImages) -> None:  # fmt: skip
+    def __init__(self, settings: Settings, store: Store, live_index: LiveIndex, allowed_ids: AllowedIds,
+                 queries: QueryVectors, images: TileImages) -> None:  # fmt: skip
         self.settings = settings
         self.store = store
         self.live_index = live_index
+        self.allowed_ids = allowed_ids
         self.queries = queries
         self.images = images
         self._indexes = {kind: LiveIndex(slide_index_directory(self.settings.data_dir, kind), "cpu") for kind in KINDS}
@@ -161,7 +162,7 @@ class SlideSearch:
         return {"query": q.names, "method": method, "per_slide": PER_SLIDE, "k": k, "results": results}
 
     def _by_best_tiles(self, vector: np.ndarray) -> list[tuple[int, float, list[dict]]]:
-        hits, _ = nearest(self.live_index, self.store, vector, TILE_DEPTH, None)
+        hits, _ = nearest(self.live_index, self.allowed_ids, vector, TILE_DEPTH, None)
         tiles = {t["id"]: t["slide_id"] for t in self.store.get_tiles([i for i, _ in hits])}
         per_slide: dict[int, list[tuple[int, float]]] = {}
         for tile_id, score in hits:  # best first, so each slide's list is sorted

@@ -81,7 +81,9 @@ class Evaluator:
         self.store = store
         self._encoder = encoder
         self.cache = EmbeddingCache(settings.cache_dir / "eval")
-        self.live_index = live_tile_index(IndexDirectory(settings.data_dir / "index"), store, settings.device)
+        self.live_index = live_tile_index(
+            IndexDirectory(settings.data_dir / "index"), store, settings.device, settings.rerank_factor
+        )
 
     def encoder(self) -> Encoder:
         if self._encoder is None:

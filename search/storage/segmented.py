@@ -7,6 +7,9 @@ A build folder (``index/builds/<id>/``) holds::
     trained.faiss        the trained, empty index every part is cloned from (IVF types; absent for flat)
     part-<build>.faiss   an IndexIDMap2 over the tiles added by build <build> (hard links to earlier builds' parts)
     part-<build>.ids.npy its sorted tile ids, so a publish plans without loading the parts
+    part-<build>.loc.npy where each of those tiles' stored vector lies in the vector files, so a re-rank
+                         reads them with no database query (absent in builds from before it; -1 for a
+                         vector kept in a database row)
     deleted.npy          sorted tile ids removed since their part was written
 
 The manifest is written last, so a build without one was never finished. A query searches every part
@@ -29,11 +32,12 @@ import faiss
 import numpy as np
 
 from search.core.errors import BadQuery, IndexUnavailable
+from search.core.settings import Settings
 from search.storage.gpu import _gpu_for, _resolve_device
 from search.storage.index_directory import INDEX_FILE_NAME, MANIFEST_NAME, IndexDirectory
 from search.storage.index_types import IVF_TYPES, _new_index, choose_index_type
 from search.storage.live import LiveIndex
-from search.storage.vectors import VectorIndex, _as_ids, _empty
+from search.storage.vectors import EXACT_FILTER_MAX, VectorIndex, _as_ids, _empty
 
 if TYPE_CHECKING:
     from search.storage.store import Store
@@ -43,9 +47,10 @@ DELETED_NAME = "deleted.npy"
 FORMAT = 1
 COMPRESSED = frozenset({"ivfpq", "ivfsq8"})
 TRAINED_TYPES = IVF_TYPES
-# Candidates re-ranked exactly per query for compressed types: at least this many, and k times this factor.
+# Candidates re-ranked exactly per query for compressed types: at least this many, and k times the
+# ``rerank_factor`` setting.
 RERANK_MIN = 256
-RERANK_FACTOR = 8
+DEFAULT_RERANK_FACTOR: int = Settings.model_fields["rerank_factor"].default
 # A publish that would leave more parts than this, or more deleted ids than this share, merges the parts.
 MAX_PARTS = 8
 MAX_DELETED_SHARE = 0.2
@@ -53,8 +58,15 @@ MAX_DELETED_SHARE = 0.2
 SINGLE_THREAD_QUERIES = 4
 # A part whose deleted ids are not all skipped by an over-fetch this deep is searched with a filter instead.
 _MAX_FETCH = 4096
+# Stored vectors scored per step of an exact search over candidates.
+_SCORE_CHUNK = 8192
 
-StoredVectors = Callable[[np.ndarray, str], np.ndarray]
+# (tile ids, model fingerprint) -> (the ids that have a stored vector, in order; their vectors [n, d]).
+StoredVectors = Callable[[np.ndarray, str], tuple[list[int], np.ndarray]]
+# Locations in the vector files (``Store.locate_embeddings``) -> their vectors [n, d], with no database read.
+LocatedVectors = Callable[[np.ndarray], np.ndarray]
+# What a part is written from: (tile ids, vectors, locations of those vectors in the vector files, -1 unknown).
+LocatedBatch = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def choose_kind(n: int, requested: str = "auto", exact_max: int = 20_000, compress_above: int = 1_000_000) -> str:
@@ -114,6 +126,9 @@ class SegmentedIndex:
         deleted: np.ndarray,
         manifest: Manifest,
         stored: StoredVectors | None = None,
+        rerank_factor: int = DEFAULT_RERANK_FACTOR,
+        locations: list[tuple[np.ndarray, np.ndarray] | None] | None = None,
+        located: LocatedVectors | None = None,
     ) -> None:
         self.parts = parts
         self.deleted = np.unique(_as_ids(deleted))
@@ -123,6 +138,10 @@ class SegmentedIndex:
         self.device = parts[0].device if parts else "cpu"
         self.nprobe = parts[0].nprobe if parts else None
         self._stored = stored
+        self.rerank_factor = rerank_factor
+        # Per part: (sorted ids, their locations), or None where the part was written without them.
+        self._locations = locations if located is not None and locations else [None] * len(parts)
+        self._located = located
         # Deleted ids per part: most parts have none and are searched as they are.
         self._part_deleted = [np.intersect1d(p.ids, self.deleted) for p in parts]
 
@@ -135,23 +154,41 @@ class SegmentedIndex:
         return self.index_type in COMPRESSED
 
     @property
+    def exact_scores(self) -> bool:
+        """Whether :meth:`search` scores are the exact inner products with the stored vectors (a compressed
+        build re-ranks on them; a single-file one from before segments names no model to read them by)."""
+        return not self.compressed or self._reranks
+
+    @property
+    def _reranks(self) -> bool:
+        return self.compressed and self._stored is not None and bool(self.manifest.model_fingerprint)
+
+    @property
     def ids(self) -> np.ndarray:
         """Sorted ids of the live (not deleted) vectors."""
         every = np.concatenate([p.ids for p in self.parts]) if self.parts else np.zeros(0, np.int64)
         return np.setdiff1d(every, self.deleted)
 
     @classmethod
-    def load(cls, build_dir: Path, device: str = "auto", stored: StoredVectors | None = None) -> SegmentedIndex:
+    def load(
+        cls,
+        build_dir: Path,
+        device: str = "auto",
+        stored: StoredVectors | None = None,
+        rerank_factor: int = DEFAULT_RERANK_FACTOR,
+        located: LocatedVectors | None = None,
+    ) -> SegmentedIndex:
         """Read a build folder; one holding only ``index.faiss`` (written before segments) is one part."""
         build_dir = Path(build_dir)
         if not (build_dir / MANIFEST_NAME).is_file():
             single = VectorIndex.load(build_dir / INDEX_FILE_NAME, device)
             legacy = Manifest(single.index_type, "", single.dim, single.ntotal, (INDEX_FILE_NAME,), 0)
-            return cls([single], np.zeros(0, np.int64), legacy, stored)
+            return cls([single], np.zeros(0, np.int64), legacy, stored, rerank_factor)
         manifest = Manifest.read(build_dir)
         parts = [VectorIndex.load(build_dir / name, device) for name in manifest.parts]
         deleted = np.load(build_dir / DELETED_NAME) if manifest.deleted else np.zeros(0, np.int64)
-        return cls(parts, deleted, manifest, stored)
+        locations = [_read_locations(build_dir, name) for name in manifest.parts]
+        return cls(parts, deleted, manifest, stored, rerank_factor, locations, located)
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The k best (scores float32 [q,k], tile ids int64 [q,k]) over every part, best first, padded with
@@ -162,7 +199,9 @@ class SegmentedIndex:
         if k < 0:
             raise BadQuery(f"k must be >= 0, got {k}")
         if allowed is not None:
-            allowed = np.setdiff1d(_as_ids(allowed), self.deleted)
+            allowed = _sorted_unique(_as_ids(allowed))
+            if len(self.deleted):
+                allowed = np.setdiff1d(allowed, self.deleted, assume_unique=True)
         if k == 0 or not self.parts:
             return _empty(len(queries), k)
         # One query is too little work to share between cores: on a busy machine OpenMP's fork and join
@@ -172,11 +211,15 @@ class SegmentedIndex:
         if len(queries) <= SINGLE_THREAD_QUERIES:
             faiss.omp_set_num_threads(1)
         try:
-            # A single-file build from before segments names no model, so it has no stored vectors to re-rank
-            # on here; the engine re-ranks every page exactly all the same.
-            if not (self.compressed and self._stored is not None and self.manifest.model_fingerprint):
+            if not self._reranks:
                 return self._merged(queries, k, allowed)
-            fetch = max(k * RERANK_FACTOR, RERANK_MIN)
+            if allowed is not None:
+                present = self._present(allowed)
+                # A filter that admits few tiles: score them all on the stored vectors, which is exact and
+                # cheaper than decoding their codes and re-ranking those.
+                if len(present) <= EXACT_FILTER_MAX:
+                    return self._scored(queries, present, k)
+            fetch = max(k * self.rerank_factor, RERANK_MIN)
             _, candidates = self._merged(queries, fetch, allowed)
             return self._rerank(queries, candidates, k)
         finally:
@@ -207,17 +250,66 @@ class SegmentedIndex:
             fetch = min(part.ntotal, fetch * 4)
         return part.search(queries, k, np.setdiff1d(part.ids, deleted))
 
+    def _present(self, allowed: np.ndarray) -> np.ndarray:
+        """The sorted ids of ``allowed`` (deleted ones already dropped) that some part holds."""
+        found = [part.present(allowed) for part in self.parts]
+        return found[0] if len(found) == 1 else np.unique(np.concatenate(found))
+
     def _rerank(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         out_scores, out_ids = _empty(len(queries), k)
         for row, (query, ids) in enumerate(zip(queries, candidates, strict=True)):
-            ids = ids[ids >= 0]
-            if len(ids) == 0:
-                continue
-            exact = self._stored(ids, self.manifest.model_fingerprint) @ query
-            order = np.lexsort((ids, -exact))[:k]
-            out_scores[row, : len(order)] = exact[order]
-            out_ids[row, : len(order)] = ids[order]
+            out_scores[row], out_ids[row] = self._scored(query[None, :], ids[ids >= 0], k)
         return out_scores, out_ids
+
+    def _stored_vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of those ``ids`` with a stored vector: read at the locations the parts recorded,
+        the rest (parts written without locations) looked up in the store."""
+        found, vectors, rest = [], [], ids
+        for located in self._locations:
+            if located is None or len(rest) == 0:
+                continue
+            part_ids, locations = located
+            at = np.minimum(np.searchsorted(part_ids, rest), len(part_ids) - 1)
+            hit = part_ids[at] == rest
+            where = locations[at[hit]]
+            known = where >= 0
+            if known.any():
+                found.append(rest[hit][known])
+                vectors.append(self._located(where[known]))
+            rest = np.concatenate([rest[~hit], rest[hit][~known]])
+        if len(rest):
+            more, more_vectors = self._stored(rest, self.manifest.model_fingerprint)
+            if len(more):
+                found.append(np.asarray(more, dtype=np.int64))
+                vectors.append(more_vectors)
+        if len(found) <= 1:
+            return (found[0], vectors[0]) if found else (np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32))
+        return np.concatenate(found), np.vstack(vectors)
+
+    def _scored(self, queries: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k best of ``ids`` per query by the exact inner product with their stored vectors, ties by id;
+        a tile whose vector is gone (deleted since this build) is left out."""
+        best_scores, best_ids = _empty(len(queries), 0)
+        # A chunk at a time: a filter can admit tens of thousands of tiles, whose float32 copies would not
+        # stay in cache (and would take a GB at the largest).
+        for start in range(0, len(ids), _SCORE_CHUNK):
+            found, vectors = self._stored_vectors(ids[start : start + _SCORE_CHUNK])
+            if len(found):
+                scores = np.hstack([best_scores, queries @ vectors.T])
+                both = np.hstack([best_ids, np.broadcast_to(found, (len(queries), len(found)))])
+                best_scores, best_ids = _best(scores, both, k)
+        return _pad_to(best_scores, best_ids, k)
+
+
+def _sorted_unique(ids: np.ndarray) -> np.ndarray:
+    # Filters come sorted from the database: checking is much cheaper than sorting again.
+    return ids if len(ids) < 2 or bool((ids[1:] > ids[:-1]).all()) else np.unique(ids)
+
+
+def _pad_to(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    out_scores, out_ids = _empty(len(ids), k)
+    out_scores[:, : scores.shape[1]], out_ids[:, : ids.shape[1]] = scores, ids
+    return out_scores, out_ids
 
 
 def _best(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -226,6 +318,10 @@ def _best(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     for row in range(len(ids)):
         valid = ids[row] >= 0
         row_ids, row_scores = ids[row][valid], scores[row][valid]
+        if len(row_scores) > 4 * k > 0:
+            # Only the scores at or above the k-th best can be in the answer (ties with it included).
+            keep = row_scores >= np.partition(row_scores, len(row_scores) - k)[len(row_scores) - k]
+            row_ids, row_scores = row_ids[keep], row_scores[keep]
         order = np.lexsort((row_ids, -row_scores))[:k]
         out_scores[row, : len(order)] = row_scores[order]
         out_ids[row, : len(order)] = row_ids[order]
@@ -236,24 +332,41 @@ def _copy(index: faiss.Index) -> faiss.Index:
     return faiss.deserialize_index(faiss.serialize_index(index))
 
 
-def _write_part(
-    build_dir: Path, name: str, trained: faiss.Index, batches: Iterable[tuple[np.ndarray, np.ndarray]]
-) -> int:
-    """A part cloned from ``trained`` holding ``batches`` of (ids, vectors), saved as ``name``; returns its size."""
+def _write_part(build_dir: Path, name: str, trained: faiss.Index, batches: Iterable[LocatedBatch]) -> int:
+    """A part cloned from ``trained`` holding ``batches`` of (ids, vectors, locations), saved as ``name``
+    with its sorted ids and their locations; returns its size."""
     index = _copy(trained)
-    for ids, vectors in batches:
+    located = []
+    for ids, vectors, locations in batches:
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), _as_ids(ids))
+        located.append(np.asarray(locations, dtype=np.int64))
     inner = faiss.downcast_index(index.index)
     if isinstance(inner, faiss.IndexIVF):
         # reconstruct (the exact path of filtered queries) needs the id -> list map.
         inner.make_direct_map()
     VectorIndex(index).save(build_dir / name)
-    np.save(build_dir / _ids_name(name), np.sort(faiss.vector_to_array(index.id_map)))
+    ids = faiss.vector_to_array(index.id_map)
+    order = np.argsort(ids, kind="stable")
+    np.save(build_dir / _ids_name(name), ids[order])
+    if located:
+        np.save(build_dir / _locations_name(name), np.concatenate(located)[order])
     return int(index.ntotal)
 
 
 def _ids_name(part: str) -> str:
     return part.removesuffix(".faiss") + ".ids.npy"
+
+
+def _locations_name(part: str) -> str:
+    return part.removesuffix(".faiss") + ".loc.npy"
+
+
+def _read_locations(build_dir: Path, part: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """A part's (sorted ids, locations of their vectors), memory-mapped; None for a part written without."""
+    path = build_dir / _locations_name(part)
+    if not path.is_file():
+        return None
+    return np.load(build_dir / _ids_name(part), mmap_mode="r"), np.load(path, mmap_mode="r")
 
 
 @dataclass(frozen=True)
@@ -284,7 +397,7 @@ def write_full(
     fingerprint: str,
     n: int,
     sample: np.ndarray,
-    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    batches: Iterable[LocatedBatch],
     device: str = "auto",
     nprobe: int | None = None,
 ) -> Manifest:
@@ -305,7 +418,9 @@ def write_full(
     return manifest
 
 
-def write_merged(build_dir: Path, build_id: int, previous_dir: Path, previous: Manifest, batches: Iterable) -> Manifest:
+def write_merged(
+    build_dir: Path, build_id: int, previous_dir: Path, previous: Manifest, batches: Iterable[LocatedBatch]
+) -> Manifest:
     """One part holding ``batches`` (every live vector), cloned from the previous build's quantiser: no training."""
     build_dir.mkdir(parents=True, exist_ok=True)
     os.link(previous_dir / TRAINED_NAME, build_dir / TRAINED_NAME)
@@ -323,13 +438,16 @@ def write_incremental(
     previous_dir: Path,
     previous: Manifest,
     previous_deleted: np.ndarray,
-    added: Iterable[tuple[np.ndarray, np.ndarray]] | None,
+    added: Iterable[LocatedBatch] | None,
     removed: np.ndarray,
 ) -> Manifest:
     """The previous build's parts (hard links), a new part for ``added`` and ``removed`` added to the deleted ids."""
     build_dir.mkdir(parents=True, exist_ok=True)
     for name in (TRAINED_NAME, *previous.parts, *map(_ids_name, previous.parts)):
         os.link(previous_dir / name, build_dir / name)
+    for name in map(_locations_name, previous.parts):
+        if (previous_dir / name).is_file():
+            os.link(previous_dir / name, build_dir / name)
     parts = list(previous.parts)
     if added is not None:
         trained = faiss.read_index(str(build_dir / TRAINED_NAME))
@@ -360,7 +478,9 @@ def needs_retrain(manifest: Manifest, n: int, kind: str, fingerprint: str, dim: 
     return kind in TRAINED_TYPES and n > math.floor(growth * manifest.trained_count)
 
 
-def live_tile_index(index_directory: IndexDirectory, store: Store, device: str) -> LiveIndex:
+def live_tile_index(
+    index_directory: IndexDirectory, store: Store, device: str, rerank_factor: int = DEFAULT_RERANK_FACTOR
+) -> LiveIndex:
     """The live tile index of a data dir: builds of segments, re-ranked on the store's vectors, checksums checked."""
     return LiveIndex(
         index_directory,
@@ -369,6 +489,8 @@ def live_tile_index(index_directory: IndexDirectory, store: Store, device: str) 
         load=lambda build_id: SegmentedIndex.load(
             index_directory.build_dir(build_id),
             device,
-            stored=lambda tile_ids, fingerprint: store.get_embeddings(tile_ids.tolist(), fingerprint),
+            stored=lambda tile_ids, fingerprint: store.find_embeddings(tile_ids.tolist(), fingerprint),
+            rerank_factor=rerank_factor,
+            located=store.read_located,
         ),
     )

@@ -41,6 +41,10 @@ _GET_TILES = (
     .where(Tile.id.in_(bindparam("ids", expanding=True)))
 )
 
+_EMBEDDING_ROWS = select(Embedding.tile_id, Embedding.segment_id, Embedding.position, Embedding.vector).where(
+    Embedding.tile_id.in_(bindparam("ids", expanding=True)), Embedding.model_fingerprint == bindparam("fp")
+)
+
 
 def _tile_select() -> Select[Any]:
     return (
@@ -236,13 +240,12 @@ class TileRepository(Repository):
             last = int(ids[-1])
 
     def _embedding_rows(self, tile_ids: list[int], model_fingerprint: str) -> dict[int, tuple]:
+        # On the query path (every re-rank): a Core statement built once, no ORM rows.
         found: dict[int, tuple] = {}
-        with self.session() as s:
+        with self.engine.connect() as conn:
             for chunk in chunks(list(dict.fromkeys(tile_ids))):
-                stmt = select(Embedding.tile_id, Embedding.segment_id, Embedding.position, Embedding.vector).where(
-                    Embedding.tile_id.in_(chunk), Embedding.model_fingerprint == model_fingerprint
-                )
-                found.update((r[0], tuple(r)) for r in s.execute(stmt))
+                rows = conn.execute(_EMBEDDING_ROWS, {"ids": list(chunk), "fp": model_fingerprint})
+                found.update((r[0], tuple(r)) for r in rows)
         return found
 
     def get_embeddings(self, tile_ids: list[int], model_fingerprint: str) -> np.ndarray:
@@ -257,6 +260,35 @@ class TileRepository(Repository):
                 "run `histosearch index` to (re-)embed them"
             )
         return self._vectors_of([found[i] for i in tile_ids])
+
+    def locate_embeddings(self, tile_ids: list[int], model_fingerprint: str) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors [n, d], locations int64 [n]) of ``tile_ids``, which must all have one (as
+        :meth:`get_embeddings`). A location is ``segment id << 32 | row`` in the vector files, -1 for a vector
+        still in a row blob (a database from before revision 0006); :meth:`read_located` reads it back."""
+        tile_ids = [int(i) for i in tile_ids]
+        found = self._embedding_rows(tile_ids, model_fingerprint)
+        rows = [found[i] for i in tile_ids if i in found]
+        if len(rows) != len(tile_ids):
+            self.get_embeddings(tile_ids, model_fingerprint)  # raises NotFound naming the missing ones
+        locations = np.fromiter(
+            ((r[1] << 32 | r[2]) if r[1] is not None else -1 for r in rows), dtype=np.int64, count=len(rows)
+        )
+        return self._vectors_of(rows), locations
+
+    def read_located(self, locations: np.ndarray) -> np.ndarray:
+        """float32 [n, d] vectors at ``locations`` (all >= 0) from :meth:`locate_embeddings`, in their order,
+        with no database read: segments are append-only, so a location stays valid."""
+        locations = np.asarray(locations, dtype=np.int64)
+        segment_of, position = locations >> 32, locations & 0xFFFFFFFF
+        segment_ids = np.unique(segment_of)
+        dims = self._segment_dims({int(i): [] for i in segment_ids})
+        if len(segment_ids) == 1:
+            return self.segments.read(int(segment_ids[0]), dims[int(segment_ids[0])], position)
+        out = np.empty((len(locations), next(iter(dims.values())) if dims else 0), dtype=np.float32)
+        for segment_id in segment_ids:
+            members = np.flatnonzero(segment_of == segment_id)
+            out[members] = self.segments.read(int(segment_id), dims[int(segment_id)], position[members])
+        return out
 
     def find_embeddings(self, tile_ids: list[int], model_fingerprint: str) -> tuple[list[int], np.ndarray]:
         """(ids, vectors [n, d]) of those ``tile_ids`` that have a vector under the model, in their order."""
@@ -316,8 +348,8 @@ class TileRepository(Repository):
                 raise BadQuery(f"meta filter key {key!r} is not a name; use meta.<column>=<value>")
             pairs = json_pairs(dialect, Tile.meta)
             stmt = stmt.where(select(1).where(pairs.c.key == key, json_text(dialect, pairs) == str(value)).exists())
-        with self.session() as s:
-            return np.fromiter(s.scalars(stmt), dtype=np.int64)
+        with self.engine.connect() as conn:
+            return np.fromiter(conn.execute(stmt).scalars(), dtype=np.int64)
 
     def neighbours(self, tile_id: int, radius: int = 1) -> list[dict]:
         """Tiles of the same slide and level within ``radius`` grid steps of the tile, itself included.

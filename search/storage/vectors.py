@@ -182,7 +182,7 @@ class VectorIndex:
             if self.ntotal == 0 or k == 0:
                 return _empty(nq, k)
             return _pad(*self._search(queries, min(k, self.ntotal)), k)
-        candidates = self._present(allowed)
+        candidates = self.present(allowed)
         if len(candidates) == 0 or k == 0:
             return _empty(nq, k)
         if len(candidates) == self.ntotal:
@@ -196,9 +196,11 @@ class VectorIndex:
             scores[short], ids[short] = _pad(*self._exact(queries[short], k, candidates), k)
         return scores, ids
 
-    def _present(self, allowed: np.ndarray) -> np.ndarray:
+    def present(self, allowed: np.ndarray) -> np.ndarray:
         """The sorted unique ids of ``allowed`` that are in the index."""
-        allowed = np.unique(_as_ids(allowed))
+        allowed = _as_ids(allowed)
+        if len(allowed) > 1 and not (allowed[1:] > allowed[:-1]).all():
+            allowed = np.unique(allowed)
         if self.ntotal == 0 or len(allowed) == 0:
             return allowed[:0]
         pos = np.minimum(np.searchsorted(self._sorted_ids, allowed), self.ntotal - 1)
@@ -262,7 +264,7 @@ class VectorIndex:
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """The stored vectors [len(ids), dim] of tile ``ids`` (PQ-decoded approximations for ivfpq)."""
         ids = _as_ids(ids)
-        missing = np.setdiff1d(ids, self._present(ids))
+        missing = np.setdiff1d(ids, self.present(ids))
         if len(missing):
             raise NotFound(f"tile ids not in the index: {missing[:10].tolist()}: re-run `histosearch index PATH`")
         if len(ids) == 0:
