@@ -44,7 +44,7 @@ def test_a_segment_file_no_row_names_is_removed(db: Store, src: int) -> None:
 
 
 def test_a_full_segment_is_followed_by_a_new_one(db: Store, src: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("search.storage.tiles.SEGMENT_ROWS", 3)
+    monkeypatch.setattr("search.storage.embeddings.SEGMENT_ROWS", 3)
     vectors = random_vectors(7)
     ids = []
     for n in range(0, 7, 2):

@@ -14,7 +14,6 @@ from sqlalchemy.orm import Session
 
 from search.storage.dialect import upsert
 from search.storage.schema import Embedding, TextEmbedding
-from search.storage.segments import VectorSegments
 
 # SQLite allows 32766 bound parameters per statement, Postgres 65535; id lists are sent in chunks well below that.
 CHUNK = 10_000
@@ -55,9 +54,6 @@ class Repository:
     engine: Engine
     # The same engine, beginning every transaction with BEGIN IMMEDIATE.
     _writer: Engine
-    # The files that hold the tile vectors.
-    segments: VectorSegments
-    _segment_dim: dict[int, int]
 
     @contextmanager
     def session(self, *, write: bool = False) -> Iterator[Session]:

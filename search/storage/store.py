@@ -1,9 +1,9 @@
 """The SQLite store: sources, slides, tiles and their embeddings, texts, index builds, jobs, evaluation runs.
 
-:class:`Store` combines one repository per noun (``sources``, ``tiles``, ``texts``, ``jobs``, ``eval_runs``) over one
-engine. Opening a database runs the Alembic migrations (``database.upgrade``), so the schema in
-``schema.py`` changes only through the ``migrations`` package. A tile and its embedding are written
-in one transaction, so a killed indexer loses nothing and duplicates nothing, and a new FAISS index
+:class:`Store` combines one repository per noun (``sources``, ``tiles`` and their ``embeddings``, ``texts``,
+``jobs``, ``eval_runs``) over one engine. Opening a database runs the Alembic migrations (``database.upgrade``),
+so the schema in ``schema.py`` changes only through the ``migrations`` package. A tile and its embedding are
+written in one transaction, so a killed indexer loses nothing and duplicates nothing, and a new FAISS index
 type is built from the stored vectors without re-embedding.
 """
 
