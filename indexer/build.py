@@ -20,7 +20,7 @@ import numpy as np
 
 from search.core.errors import BuildRejected, IndexUnavailable
 from search.core.settings import Settings
-from search.storage import segmented
+from search.storage import build_writer, segmented
 from search.storage.build_checks import (
     CALIBRATION_FILE,
     draw_calibration_sample,
@@ -51,7 +51,7 @@ class BuildPlan:
 
 def plan(
     store_ids: np.ndarray,
-    live: segmented.Built | None,
+    live: build_writer.Built | None,
     kind: str,
     fingerprint: str,
     dim: int,
@@ -62,7 +62,7 @@ def plan(
     if (
         retrain
         or live is None
-        or segmented.needs_retrain(live.manifest, len(store_ids), kind, fingerprint, dim, settings.retrain_growth)
+        or build_writer.needs_retrain(live.manifest, len(store_ids), kind, fingerprint, dim, settings.retrain_growth)
     ):
         return BuildPlan("full", kind, store_ids, none)
     built = live.ids
@@ -71,7 +71,7 @@ def plan(
     parts = len(live.manifest.parts) + (len(added) > 0)
     deleted = len(live.deleted) + len(removed)
     # An id deleted earlier and stored again would sit in an old part with its old vector: merge.
-    if np.isin(added, live.deleted).any() or segmented.needs_merge(parts, deleted, len(store_ids)):
+    if np.isin(added, live.deleted).any() or build_writer.needs_merge(parts, deleted, len(store_ids)):
         return BuildPlan("merge", kind, store_ids, none)
     return BuildPlan("incremental", kind, added, removed)
 
@@ -81,7 +81,7 @@ def _batches(store: Store, ids: np.ndarray, fingerprint: str) -> Iterator[tuple[
         yield chunk, vectors
 
 
-def _located_batches(store: Store, ids: np.ndarray, fingerprint: str) -> Iterator[segmented.LocatedBatch]:
+def _located_batches(store: Store, ids: np.ndarray, fingerprint: str) -> Iterator[build_writer.LocatedBatch]:
     """(ids, vectors, locations in the vector files) a batch at a time: what an index part is written from."""
     for start in range(0, len(ids), BATCH):
         chunk = ids[start : start + BATCH]
@@ -90,7 +90,7 @@ def _located_batches(store: Store, ids: np.ndarray, fingerprint: str) -> Iterato
 
 def _sample(store: Store, ids: np.ndarray, kind: str, fingerprint: str) -> np.ndarray:
     """The vectors that train the quantiser: a deterministic sample, as many as k-means uses."""
-    size = len(ids) if kind not in segmented.TRAINED_TYPES else TRAIN_POINTS_PER_LIST * ivf_nlist(len(ids))
+    size = len(ids) if kind not in build_writer.TRAINED_TYPES else TRAIN_POINTS_PER_LIST * ivf_nlist(len(ids))
     size = min(len(ids), max(size, 1))
     rows = np.sort(np.random.default_rng(TRAIN_SEED).choice(len(ids), size, replace=False))
     return np.vstack([v for _, v in _batches(store, ids[rows], fingerprint)])
@@ -116,20 +116,20 @@ def publish(
             store.set_build_status(live_row["id"], "retired")
         return None
     dim = store.get_embeddings(store_ids[:1].tolist(), fingerprint).shape[1]
-    kind = segmented.choose_kind(len(store_ids), settings.index_type, settings.exact_max, settings.compress_above)
+    kind = build_writer.choose_kind(len(store_ids), settings.index_type, settings.exact_max, settings.compress_above)
     live = None
     try:
         live_id = directory.live_build_id()
     except IndexUnavailable:
         live_id = None  # a damaged pointer: a full build repairs it
     if live_row and live_id == live_row["id"] and live_row["model_fingerprint"] == fingerprint:
-        live = segmented.Built.read(directory.build_dir(live_id))
+        live = build_writer.Built.read(directory.build_dir(live_id))
     todo = plan(store_ids, live, kind, fingerprint, dim, settings, retrain)
     build_id = store.add_build(fingerprint, kind, len(store_ids), "", "cpu")
     folder = directory.build_dir(build_id)
     log.info("build %d: %s, %s, %d vectors", build_id, todo.mode, kind, len(store_ids))
     if todo.mode == "full":
-        segmented.write_full(
+        build_writer.write_full(
             folder,
             build_id,
             kind=kind,
@@ -140,7 +140,7 @@ def publish(
             device=settings.device,
         )
     elif todo.mode == "merge":
-        segmented.write_merged(
+        build_writer.write_merged(
             folder,
             build_id,
             directory.build_dir(live_id),
@@ -148,7 +148,7 @@ def publish(
             _located_batches(store, store_ids, fingerprint),
         )
     else:
-        segmented.write_incremental(
+        build_writer.write_incremental(
             folder,
             build_id,
             directory.build_dir(live_id),
@@ -218,7 +218,7 @@ class Publisher:
         count = self.store.counts()["embedded_by_model"].get(fingerprint, 0)
         live = self.store.live_build()
         settings = self.settings
-        requested = segmented.choose_kind(count, settings.index_type, settings.exact_max, settings.compress_above)
+        requested = build_writer.choose_kind(count, settings.index_type, settings.exact_max, settings.compress_above)
         # Counts and types say whether the index is current; only the file itself says whether it is sound.
         self.damage = self.directory.problem(live)
         if (

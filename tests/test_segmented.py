@@ -9,7 +9,7 @@ import pytest
 
 from indexer import build
 from search.core.settings import load_settings
-from search.storage import segmented
+from search.storage import build_writer, segmented
 from search.storage.index_directory import IndexDirectory
 from search.storage.live import LiveIndex
 from search.storage.segmented import SegmentedIndex
@@ -111,7 +111,7 @@ def test_parts_merge_into_one_exactly_like_a_single_index(archive: Archive) -> N
 
 
 def test_too_many_parts_or_deletions_merge_without_training(archive: Archive, monkeypatch) -> None:
-    monkeypatch.setattr(segmented, "MAX_PARTS", 2)
+    monkeypatch.setattr(build_writer, "MAX_PARTS", 2)
     archive.add(100, seed=1)
     archive.publish()
     archive.add(10, seed=2)
