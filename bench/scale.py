@@ -11,7 +11,9 @@ tiles a slide, 20 slides a case) and synthetic 512-d embeddings shaped like an a
 - +1 % tiles and an incremental publish, then removing 1 % of the tiles and an incremental publish,
 - queries through the engine (``Engine.search_text`` with the text tower replaced by fresh draws from the
   mixture: the HTTP layer and the model are left out), k = 24, without and with a case filter (the 20,000 tiles of
-  one case), and recall@10 of the unfiltered answers against exact search over every stored vector.
+  one case), and recall@10 of the unfiltered answers against exact search over every stored vector;
+- the same engine behind the web app on a real uvicorn server: distinct and repeated (query cache) text queries
+  over HTTP (``/api/search``), still without the model.
 
 Goals at 10M on a 2-core, 24 GB machine: ingest at the end within 20 % of the start, +1 % published in
 under 60 s, peak RSS under 8 GB, query p95 under 50 ms at recall@10 >= 0.95.
@@ -165,7 +167,7 @@ def query(data_dir: Path, n: int, compress_above: int | None) -> dict:
     from search.storage.store import Store
 
     settings = _settings(data_dir, compress_above)
-    draws = SyntheticEmbeddings(DIM).sample(2 * n + 2, seed=123_456)
+    draws = SyntheticEmbeddings(DIM).sample(3 * n + 2, seed=123_456)
     texts = {f"query {i}": v for i, v in enumerate(draws)}
     engine = Engine(settings, encoder=_QueryVectors(texts))
     store: Store = engine.store
@@ -193,6 +195,7 @@ def query(data_dir: Path, n: int, compress_above: int | None) -> dict:
         best_scores, best_ids = np.take_along_axis(scores, top, axis=1), np.take_along_axis(all_ids, top, axis=1)
     recall = np.mean([len(set(a) & set(b.tolist())) / 10 for a, b in zip(found, best_ids, strict=True)])
     index = engine.live_index.get()
+    http = _over_http(settings, engine, names[2 * n : 3 * n])
     engine.close()
     ms = lambda xs: (np.percentile(xs, 50) * 1000, np.percentile(xs, 95) * 1000)  # noqa: E731
     return {
@@ -201,8 +204,33 @@ def query(data_dir: Path, n: int, compress_above: int | None) -> dict:
         "recall": float(recall),
         "nprobe": index.nprobe,
         "parts": len(index.manifest.parts),
+        "http": http,
         "rss": _peak_rss_gib(),
     }
+
+
+def _over_http(settings, engine, texts: list[str]) -> dict:
+    """p50/p95 ms of distinct and of repeated text queries through the web app on a uvicorn server."""
+    import httpx
+
+    from bench.query import start_server, timed_ms
+    from webui.app import create_app
+
+    server, thread, base = start_server(create_app(settings, engine))
+    try:
+        with httpx.Client(base_url=base, timeout=120) as client:
+
+            def get(text: str) -> None:
+                client.get("/api/search", params={"q": text, "k": K}).raise_for_status()
+
+            get(texts[0])
+            distinct = timed_ms(lambda i: get(texts[i]), len(texts))
+            repeated = timed_ms(lambda i: get(texts[0]), len(texts))
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    ms = lambda xs: (float(np.percentile(xs, 50)), float(np.percentile(xs, 95)))  # noqa: E731
+    return {"distinct": ms(distinct[1:]), "cached": ms(repeated)}
 
 
 def disk(data_dir: Path) -> dict:
@@ -267,6 +295,8 @@ def report(results: list[dict]) -> None:
         ("query + case filter p50 ms", lambda r: f"{r['query']['filtered'][0]:.1f}"),
         ("query + case filter p95 ms", lambda r: f"{r['query']['filtered'][1]:.1f}"),
         ("recall@10 vs exact", lambda r: f"{r['query']['recall']:.3f}"),
+        ("HTTP text p50 / p95 ms (no model)", lambda r: "{:.1f} / {:.1f}".format(*r["query"]["http"]["distinct"])),
+        ("HTTP repeated text p50 / p95 ms", lambda r: "{:.1f} / {:.1f}".format(*r["query"]["http"]["cached"])),
         ("index parts / nprobe", lambda r: f"{r['query']['parts']} / {r['query']['nprobe']}"),
         ("query process peak RSS GiB", lambda r: f"{r['query']['rss']:.2f}"),
         ("max |cos f16 - cos f32|", lambda r: f"{r['ingest']['cosine_error']:.1e}"),

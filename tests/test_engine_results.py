@@ -174,8 +174,26 @@ def test_terms_are_cached_per_tile(engine, monkeypatch):
     calls = []
     original = engine.store.get_texts
     monkeypatch.setattr(engine.store, "get_texts", lambda ids: calls.append(ids) or original(ids))
-    engine.search_text("necrosis", k=5)
+    engine.search_text("necrosis", k=4)  # another page (not the cached one) of tiles already explained
     assert calls == []
+
+
+def test_a_repeated_query_is_served_from_memory_until_the_build_changes(indexed, tiny_encoder, monkeypatch):
+    engine = _engine(indexed, tiny_encoder)
+    first = engine.search_text("necrosis", k=5)
+    first["results"][0]["score"] = -1.0  # a caller (the web layer) adding to its copy changes no later answer
+    searched = []
+    monkeypatch.setattr(engine.pages, "_page", lambda *a: searched.append(a) or {"results": []})
+    again = engine.search_text("necrosis", k=5)
+    assert searched == [] and again["results"][0]["score"] > 0
+    assert engine.query_log()["total"] == 2  # still logged
+    engine.search_text("necrosis", k=5, offset=1)
+    engine.search_text("necrosis", k=5, options=SearchOptions(max_per_slide=0))
+    assert len(searched) == 2
+    # A new build (any reindex publishes one) is searched afresh.
+    _republish(indexed, "flat")
+    engine.search_text("necrosis", k=5)
+    assert len(searched) == 3
 
 
 # --- spread across cases ---------------------------------------------------------------------------

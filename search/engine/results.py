@@ -13,13 +13,18 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
+import time
+
 import numpy as np
 
 from search.core.settings import Settings
 from search.storage.live import LiveIndex
 from search.storage.store import Store
 
-from .cache import LRU
+from .cache import CACHE_SECONDS, LRU
 from .calibration import Calibration
 from .explain import Explainer
 from .filters import Filters
@@ -33,6 +38,8 @@ SPREAD_DEPTH = 2
 GROWTH = 4
 # Grid steps of this many slides are kept per build (a slide's grid does not change within a build).
 STEP_CACHE_SIZE = 100_000
+# Result pages kept for a repeated query (paging back, a shared link opened again, a reload).
+PAGE_CACHE_SIZE = 1000
 
 
 def rerank(
@@ -77,6 +84,7 @@ class ResultPages:
         self.calibration = calibration
         self.explainer = explainer
         self._steps_cache = LRU(STEP_CACHE_SIZE)
+        self._pages = LRU(PAGE_CACHE_SIZE)
 
     def _steps(self, build_id: int, hits: list[dict]) -> dict[tuple[str, int | None], tuple[int, int]]:
         """Grid steps of the hits' slides (those with positions), read once per slide and build."""
@@ -92,6 +100,24 @@ class ResultPages:
         return steps
 
     def page(self, query: Query, k: int, offset: int, filters: Filters | None, options: SearchOptions) -> dict:
+        """A page of results; a page asked again within ``CACHE_SECONDS`` under the same live build is served
+        from memory (a copy: callers may add to it)."""
+        key = (
+            query.build["id"],
+            hashlib.sha256(np.ascontiguousarray(query.vector, dtype=np.float32).tobytes()).hexdigest(),
+            json.dumps([query.names, query.exclude, query.mpp, query.words], sort_keys=True, default=str),
+            k,
+            offset,
+            json.dumps((filters or Filters()).to_dict(), sort_keys=True),
+            json.dumps(options.to_dict(), sort_keys=True, default=str),
+        )
+        cached = self._pages.get(key)
+        if cached is None or time.monotonic() - cached[0] > CACHE_SECONDS:
+            cached = (time.monotonic(), self._page(query, k, offset, filters, options))
+            self._pages.put(key, cached)
+        return copy.deepcopy(cached[1])
+
+    def _page(self, query: Query, k: int, offset: int, filters: Filters | None, options: SearchOptions) -> dict:
         settings = self.settings
         max_per_slide = settings.max_per_slide if options.max_per_slide is None else options.max_per_slide
         threshold = settings.min_confidence if options.min_confidence is None else options.min_confidence
