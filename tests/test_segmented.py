@@ -230,6 +230,26 @@ def test_re_ranks_read_the_stored_vectors_where_each_part_recorded_them(archive_
     assert looked_up and set(looked_up) <= set(first)
 
 
+def test_a_wide_filter_is_narrowed_in_float16_and_still_answers_the_exact_top_k(archive_ivfsq8: Archive) -> None:
+    archive = archive_ivfsq8
+    ids = archive.add(3000, seed=4)
+    archive.publish()
+    index = archive.live()
+    allowed = np.array(ids[200:2800])  # past the float16 pre-selection threshold
+    queries = np.vstack([unit_vectors(3, seed=9), archive.store.get_embeddings([ids[1000]], "m1")])
+    read = []
+    exact_read = index._stored_vectors
+    index._stored_vectors = lambda chunk: read.append(len(chunk)) or exact_read(chunk)
+    scores, found = index.search(queries, 20, allowed=allowed)
+    assert 0 < sum(read) < len(allowed) // 4  # only the few near the top were read as float32
+    stored = archive.store.get_embeddings(allowed.tolist(), "m1")
+    exact = queries @ stored.T
+    for row in range(len(queries)):
+        order = np.lexsort((allowed, -exact[row]))[:20]
+        assert found[row].tolist() == allowed[order].tolist()
+        np.testing.assert_allclose(scores[row], exact[row, order], atol=1e-6)
+
+
 def test_vectors_stored_but_never_published_are_published_by_the_next_run(archive: Archive) -> None:
     archive.add(100, seed=1)
     archive.publish()

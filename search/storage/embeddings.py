@@ -166,19 +166,20 @@ class EmbeddingRepository(Repository):
         )
         return self._vectors_of(rows), locations
 
-    def read_located(self, locations: np.ndarray) -> np.ndarray:
-        """float32 [n, d] vectors at ``locations`` (all >= 0) from :meth:`locate_embeddings`, in their order,
-        with no database read: segments are append-only, so a location stays valid."""
+    def read_located(self, locations: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+        """``dtype`` [n, d] vectors (float32, or float16 as stored) at ``locations`` (all >= 0) from
+        :meth:`locate_embeddings`, in their order, with no database read: segments are append-only, so a
+        location stays valid."""
         locations = np.asarray(locations, dtype=np.int64)
         segment_of, position = locations >> 32, locations & 0xFFFFFFFF
         segment_ids = np.unique(segment_of)
         dims = self._segment_dims({int(i): [] for i in segment_ids})
         if len(segment_ids) == 1:
-            return self.segments.read(int(segment_ids[0]), dims[int(segment_ids[0])], position)
-        out = np.empty((len(locations), next(iter(dims.values())) if dims else 0), dtype=np.float32)
+            return self.segments.read(int(segment_ids[0]), dims[int(segment_ids[0])], position, dtype)
+        out = np.empty((len(locations), next(iter(dims.values())) if dims else 0), dtype=dtype)
         for segment_id in segment_ids:
             members = np.flatnonzero(segment_of == segment_id)
-            out[members] = self.segments.read(int(segment_id), dims[int(segment_id)], position[members])
+            out[members] = self.segments.read(int(segment_id), dims[int(segment_id)], position[members], dtype)
         return out
 
     def find_embeddings(self, tile_ids: list[int], model_fingerprint: str) -> tuple[list[int], np.ndarray]:

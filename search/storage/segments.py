@@ -69,11 +69,12 @@ class VectorSegments:
             _fsync_dir(self.root)
         return committed
 
-    def read(self, segment_id: int, dim: int, positions: np.ndarray) -> np.ndarray:
-        """float32 [len(positions), dim] copies of the rows at ``positions`` (all below the committed count)."""
+    def read(self, segment_id: int, dim: int, positions: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+        """``dtype`` (float32, or the stored float16) [len(positions), dim] copies of the rows at ``positions``
+        (all below the committed count)."""
         positions = np.asarray(positions, dtype=np.int64)
         if len(positions) == 0:
-            return np.zeros((0, dim), np.float32)
+            return np.zeros((0, dim), dtype)
         need = int(positions.max()) + 1
         with self._lock:
             mapped = self._maps.get(segment_id)
@@ -87,7 +88,7 @@ class VectorSegments:
                     )
                 mapped = np.memmap(self.path(segment_id), dtype=DTYPE, mode="r", shape=(rows, dim))
                 self._maps[segment_id] = mapped
-        return mapped[positions].astype(np.float32)
+        return mapped[positions].astype(dtype, copy=False)
 
     def remove_unknown(self, known: set[int]) -> list[Path]:
         """Delete segment files that no database row names (a transaction that created one rolled back)."""
