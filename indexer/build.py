@@ -23,6 +23,8 @@ from search.core.settings import Settings
 from search.storage import build_writer, segmented
 from search.storage.build_checks import (
     CALIBRATION_FILE,
+    TRUTH_FILE,
+    RecallTruth,
     draw_calibration_sample,
     measure_recall,
     save_calibration_sample,
@@ -170,13 +172,20 @@ def publish(
     def vectors_at(rows: np.ndarray) -> np.ndarray:
         return store.get_embeddings(store_ids[rows].tolist(), fingerprint)
 
-    recall = measure_recall(
+    truth = None
+    if todo.mode == "incremental":
+        # The live build's exact answers, updated from what this publish adds and removes: no full scan.
+        previous = RecallTruth.load(directory.build_file(live_id, TRUTH_FILE))
+        if previous is not None and previous.queries.shape[1] == dim:
+            truth = previous.updated(_batches(store, todo.added, fingerprint), todo.removed, len(store_ids))
+    recall, truth = measure_recall(
         index,
         store_ids,
         lambda: _batches(store, store_ids, fingerprint),
         vectors_at,
         text_vectors,
         settings.recall_queries,
+        truth,
     )
     sample = draw_calibration_sample(len(store_ids), settings.calibration_sample, vectors_at)
     store.set_build_checks(
@@ -190,6 +199,7 @@ def publish(
             "previous index stays live; build an exact index (--index-type flat) or raise nprobe"
         )
     save_calibration_sample(directory.build_file(build_id, CALIBRATION_FILE), sample)
+    truth.save(directory.build_file(build_id, TRUTH_FILE))
     store.set_build_checksum(build_id, directory.checksum(build_id))
     directory.publish(build_id)
     store.set_build_status(build_id, "live")

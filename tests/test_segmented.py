@@ -250,6 +250,33 @@ def test_a_wide_filter_is_narrowed_in_float16_and_still_answers_the_exact_top_k(
         np.testing.assert_allclose(scores[row], exact[row, order], atol=1e-6)
 
 
+def test_an_incremental_publish_updates_the_recall_answers_without_a_full_scan(
+    archive_ivfsq8: Archive, monkeypatch
+) -> None:
+    from search.storage.build_checks import TRUTH_FILE, RecallTruth
+
+    archive = archive_ivfsq8
+    first = archive.add(1500, seed=1)
+    archive.publish()
+    archive.add(60, seed=2)
+    archive.store.delete_tiles(first[:40])
+    read = []
+    batches = build._batches
+    monkeypatch.setattr(build, "_batches", lambda store, ids, fp: read.append(len(ids)) or batches(store, ids, fp))
+    row = archive.publish()
+    assert row["checks"]["recall_queries"] > 0 and max(read) < 1520  # no pass over every stored vector
+    truth = RecallTruth.load(archive.directory.build_file(row["id"], TRUTH_FILE))
+    first_truth = RecallTruth.load(archive.directory.build_file(row["id"] - 1, TRUTH_FILE))
+    np.testing.assert_array_equal(truth.queries, first_truth.queries)  # the same queries, build to build
+    # The updated answers are the exact ones over the new content.
+    ids = archive.store.embedded_ids("m1")
+    scores = truth.queries @ archive.store.get_embeddings(ids.tolist(), "m1").T
+    for row_n in range(len(truth.queries)):
+        order = np.argsort(-scores[row_n], kind="stable")[:10]
+        assert set(truth.ids[row_n, :10].tolist()) == set(ids[order].tolist())
+        np.testing.assert_allclose(truth.scores[row_n, :10], scores[row_n, order], atol=1e-5)
+
+
 def test_vectors_stored_but_never_published_are_published_by_the_next_run(archive: Archive) -> None:
     archive.add(100, seed=1)
     archive.publish()
