@@ -181,7 +181,8 @@ def publish(
     recall, truth = measure_recall(
         index,
         store_ids,
-        lambda: _batches(store, store_ids, fingerprint),
+        # The new build's own record of where each vector lies: a pass over the vector files, not the database.
+        lambda: (index.stored_vectors(store_ids[i : i + BATCH]) for i in range(0, len(store_ids), BATCH)),
         vectors_at,
         text_vectors,
         settings.recall_queries,

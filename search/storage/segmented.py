@@ -280,7 +280,7 @@ class SegmentedIndex:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), rest
         return np.concatenate(found), np.concatenate(where), rest
 
-    def _stored_vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def stored_vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of those ``ids`` with a stored vector: read at the locations the parts recorded,
         the rest (parts written without locations) looked up in the store."""
         found, where, rest = self._locate(ids)
@@ -326,7 +326,7 @@ class SegmentedIndex:
         # A chunk at a time: a filter can admit tens of thousands of tiles, whose float32 copies would not
         # stay in cache (and would take a GB at the largest).
         for start in range(0, len(ids), _SCORE_CHUNK):
-            found, vectors = self._stored_vectors(ids[start : start + _SCORE_CHUNK])
+            found, vectors = self.stored_vectors(ids[start : start + _SCORE_CHUNK])
             if len(found):
                 scores = np.hstack([best_scores, queries @ vectors.T])
                 both = np.hstack([best_ids, np.broadcast_to(found, (len(queries), len(found)))])
