@@ -144,7 +144,7 @@ class SegmentedIndex:
         self._locations = locations if located is not None and locations else [None] * len(parts)
         self._located = located
         # Deleted ids per part: most parts have none and are searched as they are.
-        self._part_deleted = [np.intersect1d(p.ids, self.deleted) for p in parts]
+        self._part_deleted = [_members(self.deleted, p.sorted_ids) for p in parts]
 
     @property
     def ntotal(self) -> int:
@@ -332,6 +332,14 @@ class SegmentedIndex:
                 both = np.hstack([best_ids, np.broadcast_to(found, (len(queries), len(found)))])
                 best_scores, best_ids = _best(scores, both, k)
         return _pad_to(best_scores, best_ids, k)
+
+
+def _members(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
+    """Those of ``ids`` that are in ``sorted_ids``: binary searches, not a sort of millions of ids."""
+    if len(ids) == 0 or len(sorted_ids) == 0:
+        return ids[:0]
+    at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return ids[sorted_ids[at] == ids]
 
 
 def _sorted_unique(ids: np.ndarray) -> np.ndarray:
