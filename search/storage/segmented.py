@@ -244,7 +244,7 @@ class SegmentedIndex:
         fetch = min(part.ntotal, math.ceil(1.5 * k * part.ntotal / max(1, live)) + 16)
         while fetch <= _MAX_FETCH:
             scores, ids = part.search(queries, fetch)
-            gone = np.isin(ids, deleted)
+            gone = _contained(ids, deleted)
             if ((ids >= 0) & ~gone).sum(axis=1).min() >= want or fetch >= part.ntotal:
                 ids = np.where(gone, -1, ids)
                 return _best(np.where(gone, -np.inf, scores), ids, k)
@@ -334,12 +334,19 @@ class SegmentedIndex:
         return _pad_to(best_scores, best_ids, k)
 
 
+def _contained(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
+    """Whether each of ``ids`` (any shape) is in ``sorted_ids``: binary searches, no sort of either."""
+    if len(sorted_ids) == 0:
+        return np.zeros(ids.shape, bool)
+    at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return sorted_ids[at] == ids
+
+
 def _members(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
-    """Those of ``ids`` that are in ``sorted_ids``: binary searches, not a sort of millions of ids."""
+    """Those of ``ids`` that are in ``sorted_ids``."""
     if len(ids) == 0 or len(sorted_ids) == 0:
         return ids[:0]
-    at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-    return ids[sorted_ids[at] == ids]
+    return ids[_contained(ids, sorted_ids)]
 
 
 def _sorted_unique(ids: np.ndarray) -> np.ndarray:
