@@ -42,24 +42,6 @@ def _as_ids(ids: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(ids).reshape(-1), dtype=np.int64)
 
 
-def _read_ahead(path: Path) -> None:
-    """Ask the kernel to read a memory-mapped index into the page cache in the background: queries right
-    after a load or a publish then find its lists in memory (at 10M tiles, queries touching lists never read
-    took twice as long)."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # read_index reports it
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-    except OSError:
-        pass  # a file system without read-ahead: the pages come in on first touch instead
-    finally:
-        os.close(fd)
-
-
 def _empty(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
 
@@ -319,7 +301,6 @@ class VectorIndex:
         path = Path(path)
         if not path.is_file():
             raise IndexUnavailable(f"{path}: no index file: run `histosearch index PATH` first")
-        _read_ahead(path)
         try:
             index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
         except RuntimeError as exc:
