@@ -291,11 +291,13 @@ MAX_WORDS = 8
 
 
 def _words(text: str) -> tuple[str, ...]:
-    """The distinct content words of a text query, in order, at most ``MAX_WORDS``."""
+    """The distinct content words of a text query, in order, at most ``MAX_WORDS``. Tokens without a letter
+    ("3", "4+3", "30%") are left out: alone they describe nothing a tile could match, and each new one would
+    cost the text tower a pass."""
     out: list[str] = []
     for raw in text.replace(",", " ").replace(";", " ").split():
         word = raw.strip(".:()[]\"'").lower()
-        if word and word not in _STOPWORDS and word not in out:
+        if word and any(c.isalpha() for c in word) and word not in _STOPWORDS and word not in out:
             out.append(word)
     return tuple(out[:MAX_WORDS])
 
