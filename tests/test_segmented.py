@@ -92,6 +92,25 @@ def test_new_tiles_go_into_a_new_part_and_removed_ones_are_deleted_by_id(archive
     assert sorted(ids[0][ids[0] >= 0].tolist()) == sorted(first[30:40])
 
 
+def test_a_part_whose_probed_lists_run_out_is_not_searched_again_by_every_live_id(tmp_path: Path) -> None:
+    archive = Archive(tmp_path, index_type="ivf", min_recall=0.0)  # random 16-d vectors: a poor IVF
+    ids = archive.add(6000, seed=3)
+    archive.publish()
+    archive.store.delete_tiles(ids[:900])
+    archive.publish()
+    index = archive.live()
+    part = index.parts[0]
+    calls = []
+    search = part.search
+    part.search = lambda queries, k, allowed=None: calls.append(allowed) or search(queries, k, allowed)
+    # More than the probed lists hold: the search answers from them, as a part without deletions would.
+    scores, found = index.search(unit_vectors(1, seed=5), 600)
+    assert all(allowed is None for allowed in calls) and len(calls) == 1
+    live = found[0][found[0] >= 0]
+    assert 0 < len(live) < 600 and not set(live.tolist()) & set(ids[:900])
+    archive.store.close()
+
+
 def test_parts_merge_into_one_exactly_like_a_single_index(archive: Archive) -> None:
     for seed in range(5):
         archive.add(60, seed=seed)

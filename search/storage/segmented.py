@@ -245,7 +245,11 @@ class SegmentedIndex:
         while fetch <= _MAX_FETCH:
             scores, ids = part.search(queries, fetch)
             gone = _contained(ids, deleted)
-            if ((ids >= 0) & ~gone).sum(axis=1).min() >= want or fetch >= part.ntotal:
+            short = ((ids >= 0) & ~gone).sum(axis=1) < want
+            # A row that got fewer ids than asked has had every probed list read: asking deeper finds no more,
+            # and filtering by every live id (millions) would cost a second where the search took milliseconds.
+            exhausted = (ids >= 0).sum(axis=1) < fetch
+            if not (short & ~exhausted).any() or fetch >= part.ntotal:
                 ids = np.where(gone, -1, ids)
                 return _best(np.where(gone, -np.inf, scores), ids, k)
             fetch = min(part.ntotal, fetch * 4)
