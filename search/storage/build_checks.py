@@ -18,7 +18,7 @@ import numpy as np
 from search.core.errors import BuildRejected
 from search.storage.index_directory import IndexDirectory
 from search.storage.store import Store
-from search.storage.vectors import VectorIndex
+from search.storage.vectors import VectorIndex, _pad
 
 CALIBRATION_FILE = "calibration.npy"
 RECALL_K = 10
@@ -63,12 +63,7 @@ def exact_top(
 
 def _sorted_padded(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    scores, ids = np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
-    pad = k - scores.shape[1]
-    if pad > 0:
-        scores = np.hstack([scores, np.full((len(scores), pad), -np.inf, np.float32)])
-        ids = np.hstack([ids, np.full((len(ids), pad), -1, np.int64)])
-    return scores.astype(np.float32), ids
+    return _pad(np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1), k)
 
 
 def _sample_rows(n: int, size: int, rng: np.random.Generator | None = None) -> np.ndarray:

@@ -35,7 +35,17 @@ from search.core.errors import BadQuery, IndexUnavailable
 from search.core.settings import Settings
 from search.storage.index_directory import INDEX_FILE_NAME, MANIFEST_NAME, IndexDirectory
 from search.storage.live import LiveIndex
-from search.storage.vectors import EXACT_FILTER_MAX, VectorIndex, _as_ids, _empty
+from search.storage.vectors import (
+    EXACT_FILTER_MAX,
+    VectorIndex,
+    _as_ids,
+    _contained,
+    _empty,
+    _members,
+    _pad,
+    _positions,
+    _sorted_unique,
+)
 
 if TYPE_CHECKING:
     from search.storage.store import Store
@@ -273,8 +283,7 @@ class SegmentedIndex:
             if located is None or len(rest) == 0:
                 continue
             part_ids, locations = located
-            at = np.minimum(np.searchsorted(part_ids, rest), len(part_ids) - 1)
-            hit = part_ids[at] == rest
+            at, hit = _positions(part_ids, rest)
             places = locations[at[hit]]
             known = places >= 0
             found.append(rest[hit][known])
@@ -335,33 +344,7 @@ class SegmentedIndex:
                 scores = np.hstack([best_scores, queries @ vectors.T])
                 both = np.hstack([best_ids, np.broadcast_to(found, (len(queries), len(found)))])
                 best_scores, best_ids = _best(scores, both, k)
-        return _pad_to(best_scores, best_ids, k)
-
-
-def _contained(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
-    """Whether each of ``ids`` (any shape) is in ``sorted_ids``: binary searches, no sort of either."""
-    if len(sorted_ids) == 0:
-        return np.zeros(ids.shape, bool)
-    at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-    return sorted_ids[at] == ids
-
-
-def _members(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
-    """Those of ``ids`` that are in ``sorted_ids``."""
-    if len(ids) == 0 or len(sorted_ids) == 0:
-        return ids[:0]
-    return ids[_contained(ids, sorted_ids)]
-
-
-def _sorted_unique(ids: np.ndarray) -> np.ndarray:
-    # Filters come sorted from the database: checking is much cheaper than sorting again.
-    return ids if len(ids) < 2 or bool((ids[1:] > ids[:-1]).all()) else np.unique(ids)
-
-
-def _pad_to(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    out_scores, out_ids = _empty(len(ids), k)
-    out_scores[:, : scores.shape[1]], out_ids[:, : ids.shape[1]] = scores, ids
-    return out_scores, out_ids
+        return _pad(best_scores, best_ids, k)
 
 
 def _best(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -46,6 +46,28 @@ def _empty(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
 
 
+def _sorted_unique(ids: np.ndarray) -> np.ndarray:
+    # Filters come sorted from the database: checking is much cheaper than sorting again.
+    return ids if len(ids) < 2 or bool((ids[1:] > ids[:-1]).all()) else np.unique(ids)
+
+
+def _positions(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of ``ids`` (any shape) would sit in ``sorted_ids`` (non-empty), and whether it is there:
+    binary searches, no sort of either."""
+    at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return at, sorted_ids[at] == ids
+
+
+def _contained(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
+    """Whether each of ``ids`` (any shape) is in ``sorted_ids``."""
+    return _positions(sorted_ids, ids)[1] if len(sorted_ids) else np.zeros(ids.shape, bool)
+
+
+def _members(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
+    """Those of ``ids`` that are in ``sorted_ids``."""
+    return ids[_contained(ids, sorted_ids)] if len(ids) else ids
+
+
 def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Results widened to k columns, with -inf scores wherever the id is -1."""
     out_scores, out_ids = _empty(len(ids), k)
@@ -205,13 +227,7 @@ class VectorIndex:
 
     def present(self, allowed: np.ndarray) -> np.ndarray:
         """The sorted unique ids of ``allowed`` that are in the index."""
-        allowed = _as_ids(allowed)
-        if len(allowed) > 1 and not (allowed[1:] > allowed[:-1]).all():
-            allowed = np.unique(allowed)
-        if self.ntotal == 0 or len(allowed) == 0:
-            return allowed[:0]
-        pos = np.minimum(np.searchsorted(self._sorted_ids, allowed), self.ntotal - 1)
-        return allowed[self._sorted_ids[pos] == allowed]
+        return _members(_sorted_unique(_as_ids(allowed)), self._sorted_ids)
 
     def _params(self, k: int, selector: faiss.IDSelector | None) -> faiss.SearchParameters | None:
         # Per-call parameters, never index attributes: concurrent searches must not see each other's.
