@@ -96,26 +96,25 @@ class EmbeddingRepository(Repository):
 
     def _vectors_of(self, rows: list[tuple[int, int | None, int | None, bytes | None]]) -> np.ndarray:
         """float32 [n, d] for (tile_id, segment_id, position, blob) rows, in row order."""
+        return self._vectors_at(rows, _locations(rows))
+
+    def _vectors_at(self, rows: list[tuple], locations: np.ndarray) -> np.ndarray:
         if not rows:
             return np.empty((0, 0), dtype=np.float32)
-        blobs = [r[3] for r in rows if r[1] is None]
-        by_segment: dict[int, list[int]] = {}
-        for n, (_, segment_id, _, _) in enumerate(rows):
-            if segment_id is not None:
-                by_segment.setdefault(segment_id, []).append(n)
-        dims = self._segment_dims(by_segment)
-        dim = next(iter(dims.values())) if dims else len(blobs[0]) // 4
-        out = np.empty((len(rows), dim), dtype=np.float32)
-        if blobs:
-            # A database from before revision 0006: vectors still in float32 blobs.
-            legacy = [n for n, r in enumerate(rows) if r[1] is None]
-            out[legacy] = decode_vectors(blobs)
-        for segment_id, members in by_segment.items():
-            positions = np.fromiter((rows[n][2] for n in members), dtype=np.int64, count=len(members))
-            out[members] = self.segments.read(segment_id, dims[segment_id], positions)
+        in_files = np.flatnonzero(locations >= 0)
+        if len(in_files) == len(rows):
+            return self.read_located(locations)
+        # A database from before revision 0006: vectors still in float32 blobs.
+        legacy = np.flatnonzero(locations < 0)
+        blobs = decode_vectors([rows[n][3] for n in legacy])
+        if not len(in_files):
+            return blobs
+        out = np.empty((len(rows), blobs.shape[1]), dtype=np.float32)
+        out[legacy] = blobs
+        out[in_files] = self.read_located(locations[in_files])
         return out
 
-    def _segment_dims(self, segment_ids: dict[int, list[int]]) -> dict[int, int]:
+    def _segment_dims(self, segment_ids: list[int]) -> dict[int, int]:
         # A segment's dimension never changes: read once per process.
         unknown = [i for i in segment_ids if i not in self._segment_dim]
         if unknown:
@@ -173,10 +172,8 @@ class EmbeddingRepository(Repository):
         rows = [found[i] for i in tile_ids if i in found]
         if len(rows) != len(tile_ids):
             self.get_embeddings(tile_ids, model_fingerprint)  # raises NotFound naming the missing ones
-        locations = np.fromiter(
-            ((r[1] << 32 | r[2]) if r[1] is not None else -1 for r in rows), dtype=np.int64, count=len(rows)
-        )
-        return self._vectors_of(rows), locations
+        locations = _locations(rows)
+        return self._vectors_at(rows, locations), locations
 
     def read_located(self, locations: np.ndarray, dtype: type = np.float32) -> np.ndarray:
         """``dtype`` [n, d] vectors (float32, or float16 as stored) at ``locations`` (all >= 0) from
@@ -185,7 +182,7 @@ class EmbeddingRepository(Repository):
         locations = np.asarray(locations, dtype=np.int64)
         segment_of, position = locations >> 32, locations & 0xFFFFFFFF
         segment_ids = np.unique(segment_of)
-        dims = self._segment_dims({int(i): [] for i in segment_ids})
+        dims = self._segment_dims([int(i) for i in segment_ids])
         if len(segment_ids) == 1:
             return self.segments.read(int(segment_ids[0]), dims[int(segment_ids[0])], position, dtype)
         out = np.empty((len(locations), next(iter(dims.values())) if dims else 0), dtype=dtype)
@@ -200,3 +197,8 @@ class EmbeddingRepository(Repository):
         found = self._embedding_rows(tile_ids, model_fingerprint)
         ids = [i for i in tile_ids if i in found]
         return ids, self._vectors_of([found[i] for i in ids])
+
+
+def _locations(rows: list[tuple]) -> np.ndarray:
+    """``segment id << 32 | row`` of (tile_id, segment_id, position, blob) rows; -1 for a vector in a blob."""
+    return np.fromiter(((r[1] << 32 | r[2]) if r[1] is not None else -1 for r in rows), dtype=np.int64, count=len(rows))
