@@ -172,17 +172,20 @@ def publish(
     def vectors_at(rows: np.ndarray) -> np.ndarray:
         return store.get_embeddings(store_ids[rows].tolist(), fingerprint)
 
+    def from_build(ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        # The new build's own record of where each vector lies: a pass over the vector files, not the database.
+        return (index.stored_vectors(ids[i : i + BATCH]) for i in range(0, len(ids), BATCH))
+
     truth = None
     if todo.mode == "incremental":
         # The live build's exact answers, updated from what this publish adds and removes: no full scan.
         previous = RecallTruth.load(directory.build_file(live_id, TRUTH_FILE))
         if previous is not None and previous.queries.shape[1] == dim:
-            truth = previous.updated(_batches(store, todo.added, fingerprint), todo.removed, len(store_ids))
+            truth = previous.updated(from_build(todo.added), todo.removed, len(store_ids))
     recall, truth = measure_recall(
         index,
         store_ids,
-        # The new build's own record of where each vector lies: a pass over the vector files, not the database.
-        lambda: (index.stored_vectors(store_ids[i : i + BATCH]) for i in range(0, len(store_ids), BATCH)),
+        lambda: from_build(store_ids),
         vectors_at,
         text_vectors,
         settings.recall_queries,
