@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from search.storage.build_checks import (
     draw_calibration_sample,
     measure_recall,
     save_calibration_sample,
+    tune_nprobe,
 )
 from search.storage.index_directory import IndexDirectory
 from search.storage.index_types import TRAIN_POINTS_PER_LIST, TRAIN_SEED, ivf_nlist
@@ -191,16 +192,23 @@ def publish(
         settings.recall_queries,
         truth,
     )
+    checks = {"min_recall": settings.min_recall}
+    if settings.target_recall > 0 and index.nlist is not None:
+        target = max(settings.target_recall, settings.min_recall)
+        if todo.mode != "incremental" or recall.recall < target:
+            recall = tune_nprobe(index, truth, target, recall)
+            manifest = replace(segmented.Manifest.read(folder), nprobe=index.nprobe)
+            manifest.write(folder)
+        checks.update(nprobe=index.nprobe, nlist=index.nlist, target_recall=target)
     sample = draw_calibration_sample(len(store_ids), settings.calibration_sample, vectors_at)
-    store.set_build_checks(
-        build_id, {**recall.as_dict(), "min_recall": settings.min_recall, "calibration_sample": len(sample)}
-    )
+    store.set_build_checks(build_id, {**recall.as_dict(), **checks, "calibration_sample": len(sample)})
     if recall.recall < settings.min_recall:
         store.set_build_status(build_id, "failed")
         raise BuildRejected(
             f"index build {build_id} ({kind}, {len(store_ids)} vectors) has recall@10 {recall.recall:.3f} against "
             f"exact search, below the floor {settings.min_recall} (setting min_recall): it was not published and the "
-            "previous index stays live; build an exact index (--index-type flat) or raise nprobe"
+            "previous index stays live; build an exact index (--index-type flat)"
+            + (f" (it probed {index.nprobe} of {index.nlist} lists)" if index.nlist else "")
         )
     save_calibration_sample(directory.build_file(build_id, CALIBRATION_FILE), sample)
     truth.save(directory.build_file(build_id, TRUTH_FILE))

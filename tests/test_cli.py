@@ -226,7 +226,9 @@ def test_result_commands_cases_describe_and_the_query_log(cli, tmp_path, capsys)
     assert cli("index", str(tmp_path / "tiles"), "--manifest", str(manifest), "--quiet", "--workers", "0") == 0
     capsys.readouterr()
     assert cli("status") == 0
-    assert "index recall@10 vs exact: 1.000" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "index recall@10 vs exact: 1.000" in out
+    assert "index nprobe" not in out  # an exact index probes no lists
 
     assert cli("query", "--image", str(tiles[0]), "-k", "6", "--max-per-slide", "0", "--json") == 0
     hits = json.loads(capsys.readouterr().out)["results"]
@@ -264,3 +266,11 @@ def test_result_commands_cases_describe_and_the_query_log(cli, tmp_path, capsys)
     assert all(e["image_hash"] is None or len(e["image_hash"]) == 20 for e in log["entries"])
     assert cli("queries") == 0
     assert "DCIS" in capsys.readouterr().out
+
+
+def test_status_shows_the_nprobe_an_ivf_build_was_tuned_to(cli, tmp_path, capsys):
+    make_tiles(tmp_path / "tiles", 6)
+    assert cli("index", str(tmp_path / "tiles"), "--index-type", "ivf", "--quiet", "--workers", "0") == 0
+    capsys.readouterr()
+    assert cli("status") == 0
+    assert "index nprobe: 1 of 1 lists, the fewest reaching recall@10 0.98" in capsys.readouterr().out

@@ -119,7 +119,12 @@ def test_calibrated_scores_are_monotone_and_drawn_once_per_build(indexed, tiny_e
     query = tiny_encoder.encode_texts(["dense lymphocytic infiltrate"])[0]
     against = sample @ query
     assert hits[0]["z"] == pytest.approx((hits[0]["score"] - against.mean()) / against.std(), abs=1e-3)
-    assert hits[0]["percentile"] == pytest.approx(100 * np.mean(against <= hits[0]["score"]), abs=0.01)
+    # The best hit may be in the sample itself: its own sampled score ties with it up to float rounding
+    # (another summation order), and either side of the tie is right.
+    exact = float(indexed.vectors[hits[0]["tile_id"]] @ query)
+    assert hits[0]["score"] == pytest.approx(exact, abs=1e-4)
+    low, high = 100 * np.mean(against < exact - 1e-5), 100 * np.mean(against <= exact + 1e-5)
+    assert low - 0.01 <= hits[0]["percentile"] <= high + 0.01
     calibration = result["calibration"]
     assert (
         calibration["available"]

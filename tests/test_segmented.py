@@ -11,6 +11,7 @@ from indexer import build
 from search.core.settings import load_settings
 from search.storage import build_writer, segmented
 from search.storage.index_directory import IndexDirectory
+from search.storage.index_types import default_nprobe
 from search.storage.live import LiveIndex
 from search.storage.segmented import SegmentedIndex
 from search.storage.store import Store
@@ -93,7 +94,8 @@ def test_new_tiles_go_into_a_new_part_and_removed_ones_are_deleted_by_id(archive
 
 
 def test_a_part_whose_probed_lists_run_out_is_not_searched_again_by_every_live_id(tmp_path: Path) -> None:
-    archive = Archive(tmp_path, index_type="ivf", min_recall=0.0)  # random 16-d vectors: a poor IVF
+    # Random 16-d vectors at the default nprobe: a poor IVF, whose probed lists hold few vectors.
+    archive = Archive(tmp_path, index_type="ivf", min_recall=0.0, target_recall=0)
     ids = archive.add(6000, seed=3)
     archive.publish()
     archive.store.delete_tiles(ids[:900])
@@ -338,3 +340,33 @@ def test_builds_written_before_segments_are_read_and_replaced(archive: Archive) 
     archive.add(5, seed=2)
     archive.publish()  # no manifest to add to: a full build
     assert archive.live().manifest.parts == (f"part-{build_id + 1}.faiss",) and archive.live().ntotal == 55
+
+
+def test_a_build_probes_the_fewest_lists_that_reach_the_target_recall(tmp_path: Path) -> None:
+    from search.storage.build_checks import TRUTH_FILE, RecallTruth, recall_against
+
+    archive = Archive(tmp_path, index_type="ivf", target_recall=0.9)
+    archive.add(3000, seed=1)
+    row = archive.publish()
+    index = archive.live()
+    checks = row["checks"]
+    # Recorded with the build and read back by every process that loads it.
+    assert index.manifest.nprobe == index.nprobe == checks["nprobe"] and checks["target_recall"] == 0.9
+    assert checks["nlist"] == index.nlist and checks["recall_at_10"] >= 0.9
+    truth = RecallTruth.load(archive.directory.build_file(row["id"], TRUTH_FILE))
+    assert recall_against(index, truth).recall == checks["recall_at_10"]
+    # An incremental publish that still reaches the target keeps it; the next full build tunes again.
+    archive.add(20, seed=2)
+    row = archive.publish()
+    assert archive.live().manifest.parts == ("part-1.faiss", "part-2.faiss")
+    if row["checks"]["recall_at_10"] >= 0.9:
+        assert row["checks"]["nprobe"] == checks["nprobe"]
+    archive.store.close()
+
+    untuned = Archive(tmp_path / "untuned", index_type="ivf", target_recall=0)
+    untuned.add(3000, seed=1)
+    row = untuned.publish()
+    index = untuned.live()
+    assert index.manifest.nprobe is None and "nprobe" not in row["checks"]
+    assert index.nprobe == default_nprobe(index.nlist)
+    untuned.store.close()

@@ -71,6 +71,11 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 f"index recall@10 vs exact: {checks['recall_at_10']:.3f} over {checks['recall_queries']} queries "
                 f"(floor {checks['min_recall']}); calibration sample: {checks['calibration_sample']} tiles"
             )
+            if checks.get("nprobe"):
+                print(
+                    f"index nprobe: {checks['nprobe']} of {checks['nlist']} lists, the fewest reaching recall@10 "
+                    f"{checks['target_recall']} (setting target_recall)"
+                )
         else:
             print("index checks: none recorded (built before recall checks: run `histosearch reindex`)")
     elif not status["index_problem"]:

@@ -119,6 +119,9 @@ class Settings(BaseSettings):
     rerank_factor: int = Field(4, ge=1, le=100)
     # A build whose recall@10 against exact search is below this is not published.
     min_recall: float = Field(0.9, ge=0, le=1)
+    # IVF builds probe the fewest lists whose recall@10 on the recall check reaches this (tuned at full and merge
+    # builds, and at an incremental one that falls below it); 0: the index type's default nprobe.
+    target_recall: float = Field(0.98, ge=0, le=1)
     # Queries (stored vectors and vocabulary texts) the recall check runs at each build.
     recall_queries: int = Field(200, ge=1, le=10_000)
     # Average an image query over its 8 rotations/flips; None: on when the encoder runs on a GPU.

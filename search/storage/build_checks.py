@@ -26,6 +26,11 @@ RECALL_K = 10
 TRUTH_K = 2 * RECALL_K
 TRUTH_FILE = "recall_truth.npz"
 SAMPLE_SEED = 10
+# The fewest lists a tuned IVF index probes: below this, a query near a list boundary misses too easily for
+# the recall queries' figure to speak for the queries users type.
+MIN_NPROBE = 8
+# The most a tuning raises nprobe over the index type's default, in factors of that default.
+MAX_NPROBE_GROWTH = 8
 # Rows scored at once by the exact reference search.
 _CHUNK = 65_536
 
@@ -142,6 +147,11 @@ def measure_recall(
         # One pass over the stored vectors answers both kinds of query.
         scores, answers = exact_top(all_queries, chunks(), TRUTH_K)
         truth = RecallTruth(all_queries, is_text, answers, scores)
+    return recall_against(index, truth, k), truth
+
+
+def recall_against(index, truth: RecallTruth, k: int = RECALL_K) -> Recall:
+    """Recall@k of ``index`` on ``truth``'s queries, overall and per kind of query."""
     _, found = index.search(truth.queries, k) if len(truth.queries) else (None, np.zeros((0, k), np.int64))
     hits = np.array(
         [len(set(t[:k].tolist()) & set(f.tolist())) / max(k, 1) for t, f in zip(truth.ids, found, strict=True)]
@@ -149,7 +159,55 @@ def measure_recall(
     images = float(hits[~truth.texts].mean()) if (~truth.texts).any() else None
     text = float(hits[truth.texts].mean()) if truth.texts.any() else None
     overall = float(hits.mean()) if len(hits) else 1.0
-    return Recall(overall, images, text, len(hits)), truth
+    return Recall(overall, images, text, len(hits))
+
+
+def nprobe_ladder(nlist: int, current: int) -> list[int]:
+    """The nprobe values a tuning tries: steps of about sqrt(2) from ``MIN_NPROBE`` up to ``nlist``, and
+    ``current``."""
+    steps = {min(nlist, round(2 ** (i / 2))) for i in range(2 * int(np.log2(max(nlist, 2))) + 2)}
+    return sorted(v for v in steps | {nlist, current} if v >= min(MIN_NPROBE, nlist))
+
+
+def tune_nprobe(index, truth: RecallTruth, target: float, measured: Recall) -> Recall:
+    """Set ``index.nprobe`` to the fewest lists whose recall@10 on ``truth`` reaches ``target``, or to the
+    best tried when none does; ``measured`` is the recall at the index's current nprobe. Returns the recall at
+    the nprobe set.
+
+    Recall rises with nprobe: below a current nprobe that reaches the target, a binary search finds the
+    fewest lists; above one that does not, nprobe doubles (up to ``MAX_NPROBE_GROWTH`` times, since each
+    doubling doubles the cost of every query) until it does. Each step is one search of the recall queries,
+    no scan of the stored vectors."""
+    current = index.nprobe
+    ladder = nprobe_ladder(index.nlist, current)
+    known = {current: measured}
+
+    def at(position: int) -> Recall:
+        nprobe = ladder[position]
+        if nprobe not in known:
+            index.nprobe = nprobe
+            known[nprobe] = recall_against(index, truth)
+        return known[nprobe]
+
+    lo = hi = ladder.index(current)
+    if measured.recall >= target:
+        lo = 0
+    else:
+        # Up in doublings (two ladder steps) until the target is reached: hi passes, lo below it fails.
+        while at(hi).recall < target and hi < len(ladder) - 1 and ladder[hi] < MAX_NPROBE_GROWTH * current:
+            lo, hi = hi + 1, min(hi + 2, len(ladder) - 1)
+        if at(hi).recall < target:
+            best = max(known, key=lambda n: (known[n].recall, -n))
+            index.nprobe = best
+            return known[best]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if at(mid).recall >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    index.nprobe = ladder[hi]
+    return at(hi)
 
 
 def in_memory(ids: np.ndarray, vectors: np.ndarray) -> Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]:

@@ -83,6 +83,9 @@ class Manifest:
     trained_count: int
     parts: tuple[str, ...]
     deleted: int
+    # Lists probed per query, chosen when the build was checked (``build_checks.tune_nprobe``); None: the
+    # index type's default.
+    nprobe: int | None = None
 
     @classmethod
     def read(cls, build_dir: Path) -> Manifest:
@@ -98,6 +101,7 @@ class Manifest:
                 int(data["trained_count"]),
                 tuple(data["parts"]),
                 int(data["deleted"]),
+                int(data["nprobe"]) if data.get("nprobe") is not None else None,
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise IndexUnavailable(f"{path}: unreadable build manifest ({exc}): run `histosearch reindex`") from None
@@ -147,7 +151,6 @@ class SegmentedIndex:
         self.index_type = manifest.index_type
         self.dim = manifest.dim
         self.device = parts[0].device if parts else "cpu"
-        self.nprobe = parts[0].nprobe if parts else None
         self._stored = stored
         self.rerank_factor = rerank_factor
         # Per part: (sorted ids, their locations), or None where the part was written without them.
@@ -159,6 +162,19 @@ class SegmentedIndex:
     @property
     def ntotal(self) -> int:
         return sum(p.ntotal for p in self.parts) - len(self.deleted)
+
+    @property
+    def nprobe(self) -> int | None:
+        return self.parts[0].nprobe if self.parts else None
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        for part in self.parts:
+            part.nprobe = value
+
+    @property
+    def nlist(self) -> int | None:
+        return self.parts[0].nlist if self.parts else None
 
     @property
     def compressed(self) -> bool:
@@ -199,7 +215,10 @@ class SegmentedIndex:
         parts = [VectorIndex.load(build_dir / name, device) for name in manifest.parts]
         deleted = np.load(build_dir / DELETED_NAME) if manifest.deleted else np.zeros(0, np.int64)
         locations = [_read_locations(build_dir, name) for name in manifest.parts]
-        return cls(parts, deleted, manifest, stored, rerank_factor, locations, located)
+        index = cls(parts, deleted, manifest, stored, rerank_factor, locations, located)
+        if manifest.nprobe is not None:
+            index.nprobe = manifest.nprobe
+        return index
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The k best (scores float32 [q,k], tile ids int64 [q,k]) over every part, best first, padded with

@@ -128,6 +128,17 @@ class VectorIndex:
         """Inverted lists probed per query (IVF types), else None."""
         return int(_inner(self._cpu).nprobe) if self.index_type in IVF_TYPES else None
 
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        # Searches read it into their per-call parameters (``_params``), on the GPU replica too.
+        if self.index_type in IVF_TYPES:
+            _inner(self._cpu).nprobe = max(1, min(int(value), self.nlist))
+
+    @property
+    def nlist(self) -> int | None:
+        """Inverted lists (IVF types), else None."""
+        return int(_inner(self._cpu).nlist) if self.index_type in IVF_TYPES else None
+
     @classmethod
     def build(
         cls,
