@@ -11,7 +11,9 @@ tiles a slide, 20 slides a case) and synthetic 512-d embeddings shaped like an a
 - +1 % tiles and an incremental publish, then removing 1 % of the tiles and an incremental publish,
 - queries through the engine (``Engine.search_text`` with the text tower replaced by fresh draws from the
   mixture: the HTTP layer and the model are left out), k = 24, without and with a case filter (the 20,000 tiles of
-  one case), and recall@10 of the unfiltered answers against exact search over every stored vector;
+  one case), and recall@10 of the unfiltered answers against exact search over every stored vector; IVF
+  builds are queried at the nprobe the build tuned (``target_recall``) and, query by query in turn, at the index
+  type's default nprobe, the baseline of the same run;
 - the same engine behind the web app on a real uvicorn server: distinct and repeated (query cache) text queries
   over HTTP (``/api/search``), still without the model.
 
@@ -203,11 +205,12 @@ class _QueryVectors:
 
 def query(data_dir: Path, n: int, compress_above: int | None) -> dict:
     from search.engine.engine import Engine, Filters
+    from search.storage.index_types import default_nprobe
     from search.storage.store import Store
 
     settings = _settings(data_dir, compress_above)
     anonymous = _AnonymousPeak()
-    draws = SyntheticEmbeddings(DIM).sample(3 * n + 2, seed=123_456)
+    draws = SyntheticEmbeddings(DIM).sample(4 * n + 2, seed=123_456)
     texts = {f"query {i}": v for i, v in enumerate(draws)}
     engine = Engine(settings, encoder=_QueryVectors(texts))
     store: Store = engine.store
@@ -215,7 +218,12 @@ def query(data_dir: Path, n: int, compress_above: int | None) -> dict:
     names = list(texts)
     engine.search_text(names[-1], k=K)  # loads the index
     engine.search_text(names[-2], k=K, filters=Filters(case=case))
-    plain, filtered, found = [], [], []
+    index = engine.live_index.get()
+    # The build's tuned nprobe against the index type's default, query by query in turn, so that neither
+    # finds the page cache warmer than the other.
+    tuned = index.nprobe
+    default = default_nprobe(index.nlist) if index.nlist else None
+    plain, filtered, baseline, found = [], [], [], []
     for i in range(n):
         t0 = time.perf_counter()
         result = engine.search_text(names[i], k=K)
@@ -224,6 +232,12 @@ def query(data_dir: Path, n: int, compress_above: int | None) -> dict:
         t0 = time.perf_counter()
         engine.search_text(names[n + i], k=K, filters=Filters(case=case))
         filtered.append(time.perf_counter() - t0)
+        if default is not None:
+            index.nprobe = default
+            t0 = time.perf_counter()
+            engine.search_text(names[3 * n + i], k=K)
+            baseline.append(time.perf_counter() - t0)
+            index.nprobe = tuned
     # Exact top 10 over every stored vector, streamed.
     queries = draws[:n]
     best_scores = np.full((n, 0), -np.inf, np.float32)
@@ -233,16 +247,26 @@ def query(data_dir: Path, n: int, compress_above: int | None) -> dict:
         all_ids = np.hstack([best_ids, np.broadcast_to(ids, (n, len(ids)))])
         top = np.argpartition(-scores, 9, axis=1)[:, :10]
         best_scores, best_ids = np.take_along_axis(scores, top, axis=1), np.take_along_axis(all_ids, top, axis=1)
-    recall = np.mean([len(set(a) & set(b.tolist())) / 10 for a, b in zip(found, best_ids, strict=True)])
-    index = engine.live_index.get()
+
+    def recall(answers) -> float:
+        return float(np.mean([len(set(a) & set(b.tolist())) / 10 for a, b in zip(answers, best_ids, strict=True)]))
+
+    default_recall = None
+    if default is not None:
+        index.nprobe = default
+        default_recall = recall(index.search(queries, 10)[1].tolist())
+        index.nprobe = tuned
     http = _over_http(settings, engine, names[2 * n : 3 * n])
     engine.close()
-    ms = lambda xs: (np.percentile(xs, 50) * 1000, np.percentile(xs, 95) * 1000)  # noqa: E731
+    ms = lambda xs: (np.percentile(xs, 50) * 1000, np.percentile(xs, 95) * 1000) if xs else None  # noqa: E731
     return {
         "plain": ms(plain),
         "filtered": ms(filtered),
-        "recall": float(recall),
-        "nprobe": index.nprobe,
+        "recall": recall(found),
+        "nprobe": tuned,
+        "default_nprobe": default,
+        "default_plain": ms(baseline),
+        "default_recall": default_recall,
         "parts": len(index.manifest.parts),
         "http": http,
         "rss": _peak_rss_gib(),
@@ -320,6 +344,18 @@ def _gib(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+def _pair(values: tuple[float, float] | None) -> str:
+    return "n/a" if values is None else f"{values[0]:.1f} / {values[1]:.1f}"
+
+
+def _fixed(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(tuned: tuple[float, float], default: tuple[float, float] | None) -> str:
+    return "n/a" if default is None else f"{tuned[1] / default[1]:.2f}"
+
+
 def report(results: list[dict]) -> None:
     cols = [r["n"] for r in results]
     print(f"\n{'tiles':44s}" + "".join(f"{n:>16,d}" for n in cols))
@@ -342,9 +378,15 @@ def report(results: list[dict]) -> None:
         ("query + case filter p50 ms", lambda r: f"{r['query']['filtered'][0]:.1f}"),
         ("query + case filter p95 ms", lambda r: f"{r['query']['filtered'][1]:.1f}"),
         ("recall@10 vs exact", lambda r: f"{r['query']['recall']:.3f}"),
+        ("default nprobe: query p50 / p95 ms", lambda r: _pair(r["query"].get("default_plain"))),
+        ("default nprobe: recall@10", lambda r: _fixed(r["query"].get("default_recall"), 3)),
+        ("  query p95 tuned / default", lambda r: _ratio(r["query"]["plain"], r["query"].get("default_plain"))),
         ("HTTP text p50 / p95 ms (no model)", lambda r: "{:.1f} / {:.1f}".format(*r["query"]["http"]["distinct"])),
         ("HTTP repeated text p50 / p95 ms", lambda r: "{:.1f} / {:.1f}".format(*r["query"]["http"]["cached"])),
-        ("index parts / nprobe", lambda r: f"{r['query']['parts']} / {r['query']['nprobe']}"),
+        (
+            "index parts / nprobe (default)",
+            lambda r: f"{r['query']['parts']} / {r['query']['nprobe']} ({r['query'].get('default_nprobe')})",
+        ),
         ("query process peak RSS GiB", lambda r: f"{r['query']['rss']:.2f}"),
         ("query process peak anonymous GiB", lambda r: _gib(r["query"].get("anonymous"))),
         ("max |cos f16 - cos f32|", lambda r: f"{r['ingest']['cosine_error']:.1e}"),
