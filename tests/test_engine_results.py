@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from search.conch.encoder import DEFAULT_TEMPLATES
 from search.core.errors import BadQuery, ConfigError
 from search.engine.engine import Engine
 from search.engine.options import SearchOptions, options_from
@@ -174,6 +175,32 @@ def test_each_hit_shows_its_best_terms_and_the_query_words(indexed, tiny_encoder
     # Image queries have no words; their hits still say what they look like.
     image_hits = engine.search_image(indexed.image("C1/C1-S2/t1.png"), k=3)["results"]
     assert all(h["why"] and "words" not in h for h in image_hits)
+
+
+@pytest.mark.parametrize("ensemble", [False, True])
+def test_a_text_query_and_its_new_words_take_one_forward_pass(indexed, tiny_encoder, monkeypatch, ensemble):
+    engine = _engine(indexed, tiny_encoder, prompt_ensemble=ensemble)
+    passes = []
+    forward = tiny_encoder.model.encode_text
+    monkeypatch.setattr(tiny_encoder.model, "encode_text", lambda *a, **k: passes.append(1) or forward(*a, **k))
+    text = "solid nests with keratinisation"
+    hits = engine.search_text(text, k=3)["results"]
+    assert len(passes) == 1
+    templates = DEFAULT_TEMPLATES if ensemble else None
+    np.testing.assert_allclose(
+        engine.queries.query_vector(text=text).vector, tiny_encoder.encode_texts([text], templates=templates)[0],
+        atol=1e-5,
+    )  # fmt: skip
+    words = tiny_encoder.encode_texts(["solid", "nests", "keratinisation"])
+    for hit in hits:
+        expected = words @ indexed.vectors[hit["tile_id"]]
+        assert [w["score"] for w in hit["words"]] == pytest.approx(expected.tolist(), abs=1e-4)
+    passes.clear()
+    engine.search_text("keratinisation in solid nests", k=3)  # a new text whose words are known: one pass
+    assert len(passes) == 1
+    passes.clear()
+    engine.search_text("solid", k=3)  # its one word is known already
+    assert len(passes) == (1 if ensemble else 0)
 
 
 def test_terms_are_cached_per_tile(engine, monkeypatch):

@@ -121,8 +121,9 @@ class QueryVectors:
             text = self.clean_text(text)
             build = self.live_build(for_encoder=True)
             searched = self.abbreviations.expand(text)
-            vector = self._text_vector(searched)
-            query = Query({"text": text, "searched": searched}, vector, build, words=_words(searched))
+            words = _words(searched)
+            vector = self._text_vector(searched, words)
+            query = Query({"text": text, "searched": searched}, vector, build, words=words)
         elif image is not None:
             build = self.live_build(for_encoder=True)
             use_tta = self.tta_default() if tta is None else tta
@@ -219,14 +220,27 @@ class QueryVectors:
             self._build_row = (stamp, build)
         return build
 
-    def _text_vector(self, text: str) -> np.ndarray:
+    def _text_vector(self, text: str, words: tuple[str, ...] = ()) -> np.ndarray:
+        """The vector of a query text; its ``words`` not yet cached are embedded in the same forward pass
+        (for their per-word scores): on a CPU, reading the text tower's weights costs a short batch about
+        what it costs one text, so a second pass for the words would nearly double the query's time."""
         ensemble = self.settings.prompt_ensemble
         vector = self._text_vectors.get((ensemble, text))
+        # Without ensembling a one-word query is its own word: the same cache entry, embedded once.
+        missing = [w for w in words if self._text_vectors.get((False, w)) is None and (ensemble or w != text)]
+        if vector is not None and not missing:
+            return vector
+        phrasings = [] if vector is not None else [t.format(text) for t in DEFAULT_TEMPLATES] if ensemble else [text]
+        encoder = self.encoder()
+        with self._model_lock:
+            embedded = encoder.encode_texts(phrasings + missing)
         if vector is None:
-            encoder = self.encoder()
-            with self._model_lock:
-                vector = encoder.encode_texts([text], templates=DEFAULT_TEMPLATES if ensemble else None)[0]
+            mean = embedded[: len(phrasings)].mean(axis=0)
+            # The same average as Encoder.encode_texts(templates=...); one phrasing is its own vector.
+            vector = mean / np.linalg.norm(mean) if ensemble else embedded[0]
             self._text_vectors.put((ensemble, text), vector)
+        for word, word_vector in zip(missing, embedded[len(phrasings) :], strict=True):
+            self._text_vectors.put((False, word), word_vector)
         return vector
 
     def _image_vector(self, image: Image.Image | str, tta: bool) -> tuple[str, np.ndarray]:
