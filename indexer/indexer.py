@@ -8,37 +8,33 @@ included) resumes where it stopped: no tile lost, none twice. The FAISS index is
 with the stored embeddings (new tiles added, removed ones deleted: indexer/build.py) in a new build
 beside the live one, published by an atomic pointer swap.
 
-What changed in a source is planned in indexer/plan.py; the run's row in ``jobs`` is indexer/job.py.
+One source's sync (open, plan, write its tiles, finish) is indexer/source_sync.py, what changed in it
+indexer/plan.py; the run's row in ``jobs`` is indexer/job.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from contextlib import closing
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 
-from tqdm import tqdm
-
-from indexer.batches import BatchEncoder, Encoded
 from indexer.build import Publisher
-from indexer.job import Job, record_job, where
+from indexer.job import Job, record_job
 from indexer.lock import acquire as acquire_lock
 from indexer.manifest import Manifest
-from indexer.pipeline import Decoded, DecodePool, Failed, default_workers
-from indexer.plan import Work, plan
-from indexer.ray_embed import EmbeddedBatches, RayEmbedPool
-from indexer.report import RunReport, SourceReport
+from indexer.pipeline import DecodePool, default_workers
+from indexer.ray_embed import RayEmbedPool
+from indexer.report import RunReport
 from indexer.slides import sync_slide_vectors
+from indexer.source_sync import IndexRun, SourceSync
 from indexer.texts import BUILTIN_CORPUS, TextItem, builtin_vocabulary, load_corpus
-from indexer.tile_rows import TileRows
-from search.archives.readers import Reader, open_reader
 from search.conch.encoder import Encoder
 from search.core.errors import BadInput
 from search.core.settings import Settings
 from search.storage.index_directory import IndexDirectory
 from search.storage.locks import IndexerLock
 from search.storage.store import Store
-
-MOVED_CHUNK = 4096
 
 
 class Indexer:
@@ -96,12 +92,8 @@ class Indexer:
                 if manifest_obj is not None:
                     report.manifest = f"manifest {manifest}: {len(manifest_obj)} rows keyed by '{manifest_obj.key}'"
                 fingerprint = self.encoder.fingerprint
-                changed = False
-                for path in paths:
-                    source = self._sync_source(Path(path), manifest, manifest_obj, job)
-                    report.sources.append(source)
-                    job.save_counts()
-                    changed |= bool(source.new or source.changed or source.reembedded or source.removed)
+                self._sync_sources(paths, manifest, manifest_obj, job)
+                changed = any(s.new or s.changed or s.reembedded or s.removed for s in report.sources)
                 if report.sources and all(s.yielded_nothing for s in report.sources):
                     # Nothing to search came of any input: an error, not a quiet success.
                     raise BadInput("; ".join(s.line() for s in report.sources))
@@ -117,141 +109,45 @@ class Indexer:
 
     # --- sources ---------------------------------------------------------------------------------
 
-    def _sync_source(self, path: Path, manifest_path: Path | None, manifest: Manifest | None, job: Job) -> SourceReport:
-        uri = str(path.resolve())
-        report = SourceReport(uri)
-        try:
-            reader = open_reader(path, self.settings)
-        except BadInput as exc:
-            # A missing or unreadable archive keeps what was indexed from it: nothing is lost to bad input.
-            report.problem = job.error(report, uri, exc.message, str(path), path.name, uri)
-            report.kept = next((src["tiles"] for src in self.store.sources() if src["uri"] == uri), 0)
-            return report
-        report.kind = reader.kind
-        source_id = report.source_id = self.store.get_or_create_source(reader.kind, uri)
-        self.store.clear_errors(None, path=uri)
-        manifest_key = f"manifest:{source_id}"
-        if manifest_path is not None:
-            self.store.set_meta(manifest_key, str(manifest_path.resolve()))
-        elif (saved := self.store.get_meta(manifest_key)) and Path(saved).is_file():
-            manifest = Manifest.load(Path(saved))
-        try:
-            existing = self.store.tile_states(source_id)
-            todo = plan(reader, existing, self.encoder.fingerprint, job, report)
-            self._embed(reader, todo.work, source_id, manifest, job, report)
-            if todo.removed is not None:
-                if todo.removed:
-                    self.publisher.mark_dirty()
-                self.store.delete_tiles(todo.removed)
-                report.removed = len(todo.removed)
-                self.store.mark_scanned(source_id)
-                # An error is a state of a file: one that reads well now, or is gone, has none any more.
-                self.store.clear_errors(source_id, keep_job=job.id)
-        finally:
-            reader.close()
-        if report.yielded_nothing and report.errors:
-            report.problem = f"{report.errors} files refused; `histosearch status` lists them"
-        return report
-
-    def _embed(
-        self,
-        reader: Reader,
-        work: list[Work],
-        source_id: int,
-        manifest: Manifest | None,
-        job: Job,
-        report: SourceReport,
-    ) -> None:
-        if not work:
+    def _sync_sources(self, paths: list[Path], manifest_path: Path | None, manifest: Manifest | None, job: Job) -> None:
+        """Bring each source up to date (indexer/source_sync.py), its report joining the run's as it starts. Locally
+        source after source; on Ray every source is planned first and all their tiles go through one pool of actors,
+        each loading the model once for the run, then each source is finished, in the same order."""
+        run = IndexRun(self.store, self.publisher, self.settings, self.encoder, job, self.progress)
+        # A source named twice is synced once: a Ray run plans every source before it embeds any, so a second sync of
+        # one would add its new tiles again.
+        unique: dict[Path, Path] = {}
+        for path in paths:
+            unique.setdefault(Path(path).resolve(), Path(path))
+        paths = list(unique.values())
+        if self.settings.ray_address is None:
+            for path in paths:
+                with closing(SourceSync.start(run, path, manifest_path, manifest)) as sync:
+                    job.report.sources.append(sync.report)
+                    if sync.todo.work:
+                        sync.embed(self._local_pool().decode(sync.reader, sync.locators))
+                    sync.finish()
+                job.save_counts()
             return
-        encoder = self.encoder
-        by_locator = {w.entry.locator: w for w in work}
-        rows = TileRows(self.store, source_id, manifest, self.settings.path_pattern)
-        # Tiles whose fingerprint moved but whose content did not: written in chunks, not a transaction each.
-        moved: list[tuple[int, str]] = []
-        bar = tqdm(total=len(work), unit="tile", desc=Path(reader.root).name, disable=not self.progress)
-        done = 0
+        syncs: list[SourceSync] = []
+        for path in paths:
+            sync = SourceSync.start(run, path, manifest_path, manifest)
+            job.report.sources.append(sync.report)
+            # The actors read the archive, not the driver: a run over thousands of shards must not hold them all open.
+            sync.close()
+            syncs.append(sync)
+        readers = {i: sync.reader for i, sync in enumerate(syncs) if sync.todo.work}
+        tiles = [(i, locator) for i in readers for locator in syncs[i].locators]
+        # In plan order, source after source: each source's tiles are one run of the stream.
+        for i, results in groupby(self._ray_pool().embed(readers, tiles), key=itemgetter(0)):
+            syncs[i].embed(result for _, result in results)
+        for sync in syncs:
+            sync.finish()
+            job.save_counts()
 
-        def write(encoded: Encoded[tuple[Work, Decoded]]) -> None:
-            """One batch's tiles and vectors, in one transaction per kind of change."""
-            nonlocal done
-            for (w, _), reason in encoded.failed:
-                job.error(report, where(reader, report.uri, w.entry.path), reason, w.entry.locator)
-            batch, vectors = encoded.items, encoded.vectors
-            if batch:
-                self.publisher.mark_dirty()
-            new, replaced, reembed = [], [], []
-            for i, (w, d) in enumerate(batch):
-                if w.state is None:
-                    new.append(i)
-                elif w.state.content_hash != d.content_hash:
-                    replaced.append(i)
-                else:
-                    reembed.append(i)
-            if new:
-                self.store.add_tiles(
-                    [rows.row(batch[i][0].entry, batch[i][1]) for i in new], vectors[new], encoder.fingerprint
-                )
-            if replaced:
-                self.store.replace_tiles(
-                    [batch[i][0].state.id for i in replaced],
-                    [rows.row(batch[i][0].entry, batch[i][1]) for i in replaced],
-                    vectors[replaced],
-                    encoder.fingerprint,
-                )
-            if reembed:
-                ids = [batch[i][0].state.id for i in reembed]
-                self.store.set_embeddings(ids, vectors[reembed], encoder.fingerprint)
-                self.store.update_fingerprints([(batch[i][0].state.id, batch[i][0].entry.fingerprint) for i in reembed])
-            report.new += len(new)
-            report.changed += len(replaced)
-            report.reembedded += len(reembed)
-            done += len(batch) + len(encoded.failed)
-            bar.update(len(batch) + len(encoded.failed))
-            job.save_counts(report)
-
-        fingerprint = encoder.fingerprint
-        batches: BatchEncoder[tuple[Work, Decoded]] | EmbeddedBatches[tuple[Work, Decoded]]
-        if self.settings.ray_address is not None:  # the tiles come embedded, from Ray actors
-            batches = EmbeddedBatches(encoder.batch_size)
-        else:
-            batches = BatchEncoder(encoder, self.settings.max_image_pixels)
-        try:
-            for result in self._decode_pool().decode(reader, [w.entry.locator for w in work]):
-                w = by_locator[result.locator]
-                if isinstance(result, Failed):
-                    # A tile already indexed keeps its old vector until it reads well again.
-                    path = where(reader, report.uri, w.entry.path)
-                    job.error(report, path, result.reason, f"{reader.root.name}:{w.entry.locator}", w.entry.locator)
-                    bar.update(1)
-                    continue
-                state = w.state
-                if state and state.content_hash == result.content_hash and state.model_fingerprint == fingerprint:
-                    moved.append((state.id, w.entry.fingerprint))
-                    if len(moved) >= MOVED_CHUNK:
-                        self.store.update_fingerprints(moved)
-                        moved.clear()
-                    report.unchanged += 1
-                    bar.update(1)
-                    continue
-                # The pixels are copied into the batch now; the item keeps no view of the pool's shared memory.
-                batches.add((w, replace(result, pixels=None)), result)
-                if batches.full():
-                    for encoded in batches.submit():
-                        write(encoded)
-            for encoded in batches.finish():
-                write(encoded)
-        finally:
-            batches.close()
-        self.store.update_fingerprints(moved)
-        bar.close()
-
-    def _decode_pool(self) -> DecodePool | RayEmbedPool:
+    def _local_pool(self) -> DecodePool:
         """One pool of decode workers for the whole run (starting workers costs seconds), sized by the
-        ``workers`` setting or, when unset, one per usable CPU but one for a GPU encoder and none for a CPU one; with
-        ``ray_address``, actors on a Ray cluster that decode and embed."""
-        if self._pool is None and self.settings.ray_address is not None:
-            self._pool = RayEmbedPool(self.settings, self.encoder.fingerprint)
+        ``workers`` setting or, when unset, one per usable CPU but one for a GPU encoder and none for a CPU one."""
         if self._pool is None:
             workers = self.settings.workers
             if workers is None:
@@ -259,6 +155,12 @@ class Indexer:
             self._pool = DecodePool(
                 workers, self.encoder.preprocess, self.settings.max_image_pixels, self.settings.gpu_decode
             )
+        return self._pool
+
+    def _ray_pool(self) -> RayEmbedPool:
+        """Actors on the Ray cluster at ``ray_address`` that decode and embed."""
+        if self._pool is None:
+            self._pool = RayEmbedPool(self.settings, self.encoder.fingerprint)
         return self._pool
 
     def _close_pool(self) -> None:

@@ -30,13 +30,11 @@ class Job:
     def id(self) -> int:
         return self.report.job_id
 
-    def save_counts(self, current: SourceReport | None = None) -> None:
-        """The run's counts so far over every source, ``current`` (the source being synced) included:
-        written with each commit, so `status` shows the whole run, never one source's share of it."""
-        report = self.report
-        sources = [*report.sources, current] if current is not None else report.sources
-        done, errors = sum(s.tiles for s in sources), sum(s.errors for s in sources)
-        self.store.update_job(report.job_id, done=done, errors=errors)
+    def save_counts(self) -> None:
+        """The run's counts so far over every source, those being synced included (a source's report joins the run's
+        when the source is started): written with each commit, so `status` shows the whole run, never one source's
+        share of it."""
+        self.store.update_job(self.id, done=self.report.tiles, errors=self.report.errors)
 
     def error(self, report: SourceReport, where: str, reason: str, *prefixes: str) -> str:
         """Record that ``where`` cannot be used now. ``reason`` loses a leading ``prefix: `` naming the file

@@ -1,20 +1,23 @@
-"""Embedding on a Ray cluster: the tiles the indexer planned are read, decoded and embedded by a pool of Ray Data
-actors (``map_batches``), each loading the model once, and only their vectors come back.
+"""Embedding on a Ray cluster: the tiles the indexer planned, of every source of the run, are read, decoded and
+embedded by one pool of Ray Data actors (``map_batches``), each loading the model once per run, and only their vectors
+come back.
 
 The driver stays the single committer. :class:`RayEmbedPool` stands in for the local
-:class:`indexer.pipeline.DecodePool`: for each tile it yields a :class:`Decoded` carrying the vector (or a
-:class:`Failed`), and the indexer writes store and index from them exactly as it writes its own, batch by batch in
-one transaction each. So a killed driver resumes like a killed local run (what was committed stays, the rest is
-planned again), and a lost worker costs only its batches in flight, which Ray Data retries on a restarted actor.
+:class:`indexer.pipeline.DecodePool`: for each tile it yields its source and a :class:`Decoded` carrying the vector
+(or a :class:`Failed`), in plan order, and the indexer writes store and index from them exactly as it writes its own,
+batch by batch in one transaction each. So a killed driver resumes like a killed local run (what was committed
+stays, the rest is planned again), and a lost worker costs only its batches in flight, which Ray Data retries on a
+restarted actor.
 
-Actors read the archives themselves through the same reader the driver planned with (pickled to them): every
+Actors read the archives themselves through the same readers the driver planned with (pickled to them): every
 node must see the archives at the same path (a shared file system: NFS, Lustre, a FUSE mount of an object store),
 and the model checkpoint and tokenizer at the paths the settings give, or in ``cache_dir`` on each node.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -29,6 +32,10 @@ from search.core.settings import Settings
 
 T = TypeVar("T")
 
+# Sources whose archives an actor keeps open: tiles come source after source, so the one before the current one is
+# rarely read again, and a run over thousands of shards would otherwise end with every one of them open.
+_OPEN_SOURCES = 2
+
 
 def _ray() -> Any:
     """The ``ray`` module, imported when a run asks for it: the ``ray`` extra is optional, and heavy to import."""
@@ -41,10 +48,11 @@ def _ray() -> Any:
 
 
 class _Embedder:
-    """One Ray actor: the model, loaded once, and the reader of the source being indexed."""
+    """One Ray actor: the model, loaded once, and the readers of every source of the run, by source key."""
 
-    def __init__(self, settings: Settings, reader: Reader, fingerprint: str) -> None:
-        self.reader = reader
+    def __init__(self, settings: Settings, readers: Mapping[int, Reader], fingerprint: str) -> None:
+        self.readers = readers
+        self._open: OrderedDict[int, None] = OrderedDict()
         self.encoder = Encoder.from_settings(settings)
         if self.encoder.fingerprint != fingerprint:
             # Another checkpoint on this node would mix two models' vectors in one index.
@@ -56,7 +64,8 @@ class _Embedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         results = [
-            decode_tile(self.reader, str(loc), self.encoder.preprocess, self.max_pixels) for loc in batch["locator"]
+            decode_tile(self._reader(int(source)), str(loc), self.encoder.preprocess, self.max_pixels)
+            for source, loc in zip(batch["source"], batch["locator"], strict=True)
         ]
         good = [r for r in results if isinstance(r, Decoded)]
         vectors = np.zeros((len(results), self.encoder.dim), np.float32)
@@ -66,6 +75,7 @@ class _Embedder:
             rows = [i for i, r in enumerate(results) if isinstance(r, Decoded)]
             vectors[rows] = encoded
         return {
+            "source": batch["source"],
             "locator": np.array([r.locator for r in results], dtype=object),
             "reason": np.array([r.reason if isinstance(r, Failed) else "" for r in results], dtype=object),
             "content_hash": np.array([r.content_hash if isinstance(r, Decoded) else "" for r in results], dtype=object),
@@ -74,9 +84,16 @@ class _Embedder:
             "vector": vectors,
         }
 
+    def _reader(self, source: int) -> Reader:
+        self._open[source] = None
+        self._open.move_to_end(source)
+        while len(self._open) > _OPEN_SOURCES:
+            self.readers[self._open.popitem(last=False)[0]].close()
+        return self.readers[source]
+
 
 class RayEmbedPool:
-    """Decodes and embeds tiles on a Ray cluster; ``decode`` yields them with their vectors, in any order."""
+    """Decodes and embeds tiles on a Ray cluster; ``embed`` yields them with their vectors, in plan order."""
 
     def __init__(self, settings: Settings, fingerprint: str) -> None:
         self._ray = ray = _ray()
@@ -98,11 +115,16 @@ class RayEmbedPool:
         # What an actor's encoder resolves "auto" to on its device: one Ray batch is one encoder batch.
         self.batch_size = resolve_batch_size(settings.batch_size, torch.device("cuda" if gpus else "cpu"))
 
-    def decode(self, reader: Reader, locators: Iterable[str]) -> Iterator[Decoded | Failed]:
+    def embed(
+        self, readers: Mapping[int, Reader], tiles: list[tuple[int, str]]
+    ) -> Iterator[tuple[int, Decoded | Failed]]:
+        """``tiles``: (source key in ``readers``, locator) of every tile of the run to embed, in plan order; yielded
+        back in that order with their results. Each call starts a pool of actors, each loading the model: make one
+        per run, for the tiles of all its sources."""
         ray = self._ray
-        rows = [{"locator": locator} for locator in locators]
-        if not rows:
+        if not tiles:
             return
+        rows = [{"source": source, "locator": locator} for source, locator in tiles]
         context = ray.data.DataContext.get_current()
         preserve = context.execution_options.preserve_order
         # In plan order, so tiles are committed (and given ids) in the order a local run commits them.
@@ -111,7 +133,7 @@ class RayEmbedPool:
             # Ray Data restarts a lost actor and retries its batches by default (max_restarts=-1).
             dataset = ray.data.from_items(rows).map_batches(
                 _Embedder,
-                fn_constructor_kwargs={"settings": self.settings, "reader": reader, "fingerprint": self.fingerprint},
+                fn_constructor_kwargs={"settings": self.settings, "readers": readers, "fingerprint": self.fingerprint},
                 batch_size=self.batch_size,
                 batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=self.actors),
@@ -122,10 +144,11 @@ class RayEmbedPool:
             context.execution_options.preserve_order = preserve
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             for i, locator in enumerate(batch["locator"]):
+                result: Decoded | Failed
                 if batch["reason"][i]:
-                    yield Failed(str(locator), str(batch["reason"][i]))
+                    result = Failed(str(locator), str(batch["reason"][i]))
                 else:
-                    yield Decoded(
+                    result = Decoded(
                         str(locator),
                         str(batch["content_hash"][i]),
                         int(batch["width"][i]),
@@ -133,6 +156,7 @@ class RayEmbedPool:
                         None,
                         vector=np.asarray(batch["vector"][i], dtype=np.float32),
                     )
+                yield int(batch["source"][i]), result
 
     def close(self) -> None:
         if self._owns and self._ray.is_initialized():

@@ -118,6 +118,17 @@ def test_zip_tar_and_webdataset_in_one_run(indexer, tmp_path):
     assert len(indexer.store.tile_ids_matching(source=str((tmp_path / "a.zip").resolve()))) == 6
 
 
+def test_a_source_named_twice_is_synced_once(indexer, tmp_path):
+    make_tiles(tmp_path / "src", 4)
+    make_zip(tmp_path / "a.zip", files_under(tmp_path / "src"))
+    (tmp_path / "sub").mkdir()
+    report = indexer.run([tmp_path / "a.zip", tmp_path / "src", tmp_path / "sub" / ".." / "a.zip"])
+    assert [(s.uri, s.new) for s in report.sources] == [
+        (str((tmp_path / "a.zip").resolve()), 4),
+        (str((tmp_path / "src").resolve()), 4),
+    ]
+
+
 def test_whole_slide_tiles_keep_position(indexer, tiny_settings, tmp_path):
     (tmp_path / "slides").mkdir()
     make_slide(tmp_path / "slides" / "S1.tiff", size=1024, mpp=0.25, tissue=(256, 256, 768, 768), levels=2)
