@@ -2,14 +2,15 @@
 
     python -m bench.query [--vectors 100000] [--n 50]
 
-The index holds ``--vectors`` random 512-d vectors (bare store rows, an exact FAISS index as ``auto``
-picks below 200k); the model is ``conch_ViT-B-16`` with random weights (speed does not depend on their
-values) and the CONCH tokenizer when ../shared/conch_reference has it. Every text and image query is
-distinct, so the figures are for queries the server has not seen; a repeated text (served from the
-query cache) is measured apart. Every result option is at its default, so each query also pays for the issue-10
-work: exact re-rank, calibration against the build's sample, spread across slides, the hits' best
-vocabulary terms and per-word scores, and the query log; rotation/flip averaging (off by default on a
-CPU) and composed queries have rows of their own. Goals on a 2-core CPU: text p50 <= 100 ms (tighter:
+The index holds ``--vectors`` synthetic 512-d embeddings shaped like an archive's (bare store rows, the
+index the indexer publishes for that many: IVF at 100k, its nprobe tuned to ``target_recall``); the model
+is ``conch_ViT-B-16`` with random weights (speed does not depend on their values) and the CONCH tokenizer
+when ../shared/conch_reference has it. Every text and image query is distinct, so the figures are for
+queries the server has not seen; a repeated text (served from the query cache) is measured apart. Every
+result option is at its default, so each query also pays for the issue-10 work: exact re-rank,
+calibration against the build's sample, spread across slides, the hits' best vocabulary terms and
+per-word scores, and the query log; rotation/flip averaging (off by default on a CPU) and composed
+queries have rows of their own. Goals on a 2-core CPU: text p50 <= 100 ms (tighter:
 60 ms), image p50 <= 2 s.
 """
 
@@ -31,15 +32,15 @@ import uvicorn
 from PIL import Image
 
 from bench._machine import describe_machine
+from bench.ann import SyntheticEmbeddings
 from bench.encoder import bench_tokenizer, random_model
+from indexer.build import publish
 from indexer.texts import builtin_vocabulary
 from search.conch.encoder import Encoder
 from search.core.settings import load_settings
 from search.engine.engine import Engine
-from search.storage.build_checks import publish_build
 from search.storage.index_directory import IndexDirectory
 from search.storage.store import Store
-from search.storage.vectors import VectorIndex
 from webui.app import create_app
 
 FINGERPRINT = "conch_ViT-B-16-bench-random"
@@ -61,11 +62,11 @@ def make_encoder(device: str = "auto", dtype: str = "fp32") -> tuple[Encoder, st
 
 
 def build_store(settings, n: int, encoder: Encoder) -> float:
-    """n bare tile rows with random unit vectors, the built-in vocabulary embedded, an exact index over the
-    tiles checked (recall, calibration sample) and published live; returns seconds."""
+    """n bare tile rows with synthetic embeddings shaped like an archive's (``bench.ann``), the built-in
+    vocabulary embedded, and the index published as the indexer publishes it (the type ``auto`` picks
+    for n, its nprobe tuned, recall and calibration sample checked); returns seconds."""
     start = time.perf_counter()
     dim = encoder.dim
-    rng = np.random.default_rng(0)
     store = Store.from_settings(settings)
     vocabulary = builtin_vocabulary()
     texts = [item.text for item in vocabulary]
@@ -79,8 +80,7 @@ def build_store(settings, n: int, encoder: Encoder) -> float:
         for s in range(200)
     ]
     ids = []
-    vectors = rng.standard_normal((n, dim), dtype=np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors = SyntheticEmbeddings(dim).sample(n, seed=0)
     for begin in range(0, n, ROWS_PER_INSERT):
         rows = [
             {
@@ -95,19 +95,7 @@ def build_store(settings, n: int, encoder: Encoder) -> float:
             for i in range(begin, min(n, begin + ROWS_PER_INSERT))
         ]
         ids += store.add_tiles(rows, vectors[begin : begin + len(rows)], FINGERPRINT)
-    index = VectorIndex.build(np.asarray(ids), vectors, "auto", device=settings.device)
-    directory = IndexDirectory(settings.data_dir / "index")
-    publish_build(
-        store,
-        directory,
-        index,
-        np.asarray(ids),
-        vectors,
-        FINGERPRINT,
-        calibration_size=settings.calibration_sample,
-        min_recall=settings.min_recall,
-        recall_queries=settings.recall_queries,
-    )
+    publish(store, IndexDirectory(settings.data_dir / "index"), FINGERPRINT, settings)
     store.close()
     return time.perf_counter() - start
 

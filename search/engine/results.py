@@ -13,9 +13,9 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
+import pickle
 import time
 from collections import Counter
 
@@ -119,7 +119,9 @@ class ResultPages:
         if cached is None or time.monotonic() - cached[0] > CACHE_SECONDS:
             cached = (time.monotonic(), self._page(query, k, offset, filters, options))
             self._pages.put(key, cached)
-        return copy.deepcopy(cached[1])
+        # A pickle round trip copies a page of plain dicts and lists ~5x faster than copy.deepcopy (in C); the
+        # bytes never leave this process.
+        return pickle.loads(pickle.dumps(cached[1], pickle.HIGHEST_PROTOCOL))
 
     def _page(self, query: Query, k: int, offset: int, filters: Filters | None, options: SearchOptions) -> dict:
         settings = self.settings
