@@ -28,7 +28,7 @@ from indexer.ray_embed import RayEmbedPool
 from indexer.report import RunReport
 from indexer.slides import sync_slide_vectors
 from indexer.source_sync import IndexRun, SourceSync
-from indexer.texts import BUILTIN_CORPUS, TextItem, builtin_vocabulary, load_corpus
+from indexer.texts import BUILTIN_CORPUS, TextItem, builtin_vocabulary, load_corpus, sync_word_vectors
 from search.conch.encoder import Encoder
 from search.core.errors import BadInput
 from search.core.settings import Settings
@@ -187,8 +187,9 @@ class Indexer:
 
     # --- texts -------------------------------------------------------------------------------------
 
-    def _sync_texts(self, fingerprint: str) -> int:
-        """The built-in vocabulary once per index, and texts embedded by another model re-embedded."""
+    def _sync_texts(self, fingerprint: str, texts_changed: bool = False) -> int:
+        """The built-in vocabulary once per index, texts embedded by another model re-embedded, and the words of
+        the texts embedded for per-word scores (``texts_changed``: texts were added since the last sync)."""
         embedded = 0
         if self.store.get_meta("builtin_vocabulary") is None:
             embedded += self._add_texts(BUILTIN_CORPUS, builtin_vocabulary())
@@ -199,6 +200,7 @@ class Indexer:
             vectors = self.encoder.encode_texts([t for _, t in missing])
             self.store.set_text_embeddings(ids, vectors, fingerprint)
             embedded += len(ids)
+        sync_word_vectors(self.store, self.encoder, self.settings.data_dir, texts_changed=texts_changed or embedded > 0)
         return embedded
 
     def _add_texts(self, corpus: str, items: list[TextItem]) -> int:
@@ -216,7 +218,7 @@ class Indexer:
                 added = 0
                 for path in files:
                     added += self._add_texts(corpus or Path(path).stem, load_corpus(Path(path)))
-                self._sync_texts(self.encoder.fingerprint)
+                self._sync_texts(self.encoder.fingerprint, texts_changed=added > 0)
                 job.message = f"{added} texts added"
             return added
         finally:

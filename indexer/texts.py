@@ -9,14 +9,23 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from search.conch.encoder import Encoder
+from search.conch.words import content_words
 from search.core.errors import BadInput
+from search.storage.store import Store
+from search.storage.word_vectors import WordVectors
 
 BUILTIN_CORPUS = "builtin"
+
+# Words embedded ahead of queries per model: the built-in vocabulary has ~750; a large caption corpus is
+# capped, at about two minutes of the text tower on a 2-core CPU.
+MAX_WORD_VECTORS = 5000
 
 # Column or field names that hold the text, in order of preference.
 TEXT_FIELDS = ("text", "caption", "term")
@@ -136,3 +145,21 @@ _READERS: dict[str, Callable[[str, str], list[TextItem]]] = {
     ".csv": _read_csv,
     ".jsonl": _read_jsonl,
 }
+
+
+def sync_word_vectors(store: Store, encoder: Encoder, data_dir: Path, texts_changed: bool) -> int:
+    """Embed the content words of every text stored under the encoder's model that are not embedded yet, the
+    commonest first and at most ``MAX_WORD_VECTORS`` in all (search/storage/word_vectors.py); returns how many.
+    Unless ``texts_changed``, a model whose words were embedded before is left as it is without reading its texts."""
+    words = WordVectors(data_dir, encoder.fingerprint)
+    if not texts_changed and words.path.is_file():
+        return 0
+    known = words.load()
+    if len(known) >= MAX_WORD_VECTORS:
+        return 0
+    ids, _ = store.text_matrix(encoder.fingerprint)
+    counts = Counter(w for item in store.get_texts(ids.tolist()) for w in content_words(item["text"], limit=None))
+    missing = [w for w, _ in counts.most_common() if w not in known][: MAX_WORD_VECTORS - len(known)]
+    if missing:
+        words.add(missing, encoder.encode_texts(missing))
+    return len(missing)

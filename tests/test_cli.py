@@ -15,6 +15,7 @@ from indexer.indexer import Indexer
 from indexer.texts import builtin_vocabulary
 from search.cli import build_parser, main
 from search.engine.engine import Engine
+from search.storage.word_vectors import WordVectors
 from tests.archives import files_under, make_hostile_zip, make_tiles, make_zip
 
 
@@ -95,7 +96,7 @@ def test_a_running_engine_follows_a_reindex_without_restart(tiny_settings, tiny_
         engine.close()
 
 
-def test_index_texts_runs_as_a_job(cli, tmp_path, capsys):
+def test_index_texts_runs_as_a_job(cli, tiny_settings, tiny_encoder, tmp_path, capsys):
     terms = tmp_path / "terms.txt"
     terms.write_text("tumour necrosis\nfat\n")
     assert cli("index-texts", str(terms), "--corpus", "mine", "--quiet") == 0
@@ -107,6 +108,9 @@ def test_index_texts_runs_as_a_job(cli, tmp_path, capsys):
     assert job["args"] == {"files": [str(terms)], "corpus": "mine"}
     assert status["running_job"] is None
     assert status["counts"]["texts"] == len(builtin_vocabulary()) + 2
+    # The corpus's words are embedded ahead of queries, beside the built-in vocabulary's.
+    words = WordVectors(tiny_settings.data_dir, tiny_encoder.fingerprint).load()
+    assert {"tumour", "necrosis", "fat", "cribriform"} <= set(words)
 
     bad = tmp_path / "terms.doc"
     bad.write_text("x")

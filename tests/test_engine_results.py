@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from indexer.texts import sync_word_vectors
 from search.conch.encoder import DEFAULT_TEMPLATES
 from search.core.errors import BadQuery, ConfigError
 from search.engine.engine import Engine
@@ -201,6 +202,22 @@ def test_a_text_query_and_its_new_words_take_one_forward_pass(indexed, tiny_enco
     passes.clear()
     engine.search_text("solid", k=3)  # its one word is known already
     assert len(passes) == (1 if ensemble else 0)
+
+
+def test_words_embedded_ahead_of_queries_cost_the_query_no_pass(indexed, tiny_encoder, monkeypatch):
+    # What an indexing run does after embedding the corpora: their words, for per-word scores.
+    assert sync_word_vectors(indexed.store, tiny_encoder, indexed.settings.data_dir, texts_changed=True) > 0
+    engine = _engine(indexed, tiny_encoder)
+    passes = []
+    forward = tiny_encoder.model.encode_text
+    monkeypatch.setattr(tiny_encoder.model, "encode_text", lambda t, **k: passes.append(len(t)) or forward(t, **k))
+    hits = engine.search_text("necrosis in colonic stroma", k=3)["results"]  # words of the terms and captions
+    assert passes == [1]  # one pass of one text: the query, none of its words
+    words = tiny_encoder.encode_texts(["necrosis", "colonic", "stroma"])
+    for hit in hits:
+        expected = words @ indexed.vectors[hit["tile_id"]]
+        assert [w["score"] for w in hit["words"]] == pytest.approx(expected.tolist(), abs=1e-4)
+    engine.close()
 
 
 def test_terms_are_cached_per_tile(engine, monkeypatch):

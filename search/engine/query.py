@@ -18,10 +18,12 @@ from PIL import Image
 
 from search.archives.decode import content_hash, decode_image
 from search.conch.encoder import DEFAULT_TEMPLATES, Encoder
+from search.conch.words import content_words
 from search.core.errors import BadQuery, HistosearchError, IndexUnavailable, NotFound
 from search.core.settings import Settings
 from search.storage.index_directory import IndexDirectory
 from search.storage.store import Store
+from search.storage.word_vectors import WordVectors
 
 from .abbreviations import Abbreviations
 from .cache import LRU
@@ -68,6 +70,8 @@ class QueryVectors:
         # Why the model could not be loaded, as its error said: for /status and the page banners.
         self.load_error: str | None = None
         self._directory = IndexDirectory(settings.data_dir / "index")
+        # Words embedded ahead of queries (search/storage/word_vectors.py), read again when the live build changes.
+        self._word_vectors: tuple[int | None, dict[str, np.ndarray]] = (None, {})
         self._build_row: tuple[tuple[int, int, int], dict] | None = None
 
     @property
@@ -120,8 +124,9 @@ class QueryVectors:
         if text is not None:
             text = self.clean_text(text)
             build = self.live_build(for_encoder=True)
+            self._refresh_word_vectors(build)
             searched = self.abbreviations.expand(text)
-            words = _words(searched)
+            words = content_words(searched)
             vector = self._text_vector(searched, words)
             query = Query({"text": text, "searched": searched}, vector, build, words=words)
         elif image is not None:
@@ -170,14 +175,23 @@ class QueryVectors:
     def text_vectors(self, texts: list[str]) -> np.ndarray:
         """Plain (not ensembled) vectors of short texts, one forward pass for those not cached."""
         # Keyed as a query text embedded without ensembling: a one-word query's word is already cached.
-        missing = [t for t in dict.fromkeys(texts) if self._text_vectors.get((False, t)) is None]
+        missing = [t for t in dict.fromkeys(texts) if self._plain_vector(t) is None]
         if missing:
             encoder = self.encoder()
             with self._model_lock:
                 vectors = encoder.encode_texts(missing)
             for t, v in zip(missing, vectors, strict=True):
                 self._text_vectors.put((False, t), v)
-        return np.stack([self._text_vectors.get((False, t)) for t in texts]) if texts else np.zeros((0, 1))
+        return np.stack([self._plain_vector(t) for t in texts]) if texts else np.zeros((0, 1))
+
+    def _plain_vector(self, text: str) -> np.ndarray | None:
+        """A text's cached vector without ensembling, or a word's embedded ahead of queries; None if neither."""
+        found = self._text_vectors.get((False, text))
+        return found if found is not None else self._word_vectors[1].get(text)
+
+    def _refresh_word_vectors(self, build: dict) -> None:
+        if self._word_vectors[0] != build["id"]:
+            self._word_vectors = (build["id"], WordVectors(self.settings.data_dir, build["model_fingerprint"]).load())
 
     def clean_text(self, query: str) -> str:
         text = " ".join((query or "").split())
@@ -225,9 +239,9 @@ class QueryVectors:
         (for their per-word scores): on a CPU, reading the text tower's weights costs a short batch about
         what it costs one text, so a second pass for the words would nearly double the query's time."""
         ensemble = self.settings.prompt_ensemble
-        vector = self._text_vectors.get((ensemble, text))
+        vector = self._text_vectors.get((ensemble, text)) if ensemble else self._plain_vector(text)
         # Without ensembling a one-word query is its own word: the same cache entry, embedded once.
-        missing = [w for w in words if self._text_vectors.get((False, w)) is None and (ensemble or w != text)]
+        missing = [w for w in words if self._plain_vector(w) is None and (ensemble or w != text)]
         if vector is not None and not missing:
             return vector
         phrasings = [] if vector is not None else [t.format(text) for t in DEFAULT_TEMPLATES] if ensemble else [text]
@@ -273,47 +287,6 @@ class QueryVectors:
         if self._image_previews.get(ref) is None:
             self._image_previews.put(ref, _preview(image))
         return ref, vector
-
-
-# Words that say nothing about morphology: left out of a text query's per-word scores.
-_STOPWORDS = frozenset(
-    [
-        "a",
-        "an",
-        "and",
-        "are",
-        "as",
-        "at",
-        "by",
-        "for",
-        "from",
-        "in",
-        "into",
-        "is",
-        "of",
-        "on",
-        "or",
-        "the",
-        "to",
-        "with",
-        "without",
-        "showing",
-        "shows",
-    ]  # fmt: skip
-)
-MAX_WORDS = 8
-
-
-def _words(text: str) -> tuple[str, ...]:
-    """The distinct content words of a text query, in order, at most ``MAX_WORDS``. Tokens without a letter
-    ("3", "4+3", "30%") are left out: alone they describe nothing a tile could match, and each new one would
-    cost the text tower a pass."""
-    out: list[str] = []
-    for raw in text.replace(",", " ").replace(";", " ").split():
-        word = raw.strip(".:()[]\"'").lower()
-        if word and any(c.isalpha() for c in word) and word not in _STOPWORDS and word not in out:
-            out.append(word)
-    return tuple(out[:MAX_WORDS])
 
 
 def _preview(image: Image.Image) -> dict:
