@@ -86,7 +86,9 @@ def _assert_same_index(plain: Indexer, other: Indexer, fingerprint: str) -> None
     assert set(a) == set(b) and len(a) > 0
     for tile in a:
         assert a[tile][0] == b[tile][0], tile
-        np.testing.assert_allclose(a[tile][1], b[tile][1], atol=1e-6)
+        # Actors run torch on one thread, the plain run on all: float32 sums in another order can
+        # round to the neighbouring float16 when stored (2**-10 relative), never further.
+        np.testing.assert_allclose(a[tile][1], b[tile][1], rtol=2**-10, atol=1e-6)
     assert other.store.live_build()["count"] == plain.store.live_build()["count"] == len(a)
 
 
