@@ -1,11 +1,14 @@
 """Archive scale on one machine: ingest, full and incremental index builds, queries, disk, with no model.
 
     python -m bench.scale [--sizes 1000000 10000000] [--batch 1000] [--queries 50] [--work-dir DIR]
+                          [--ingest-only]
 
 For each size a fresh data folder is filled with synthetic tile rows (one slide's tiles together, 1,000
 tiles a slide, 20 slides a case) and synthetic 512-d embeddings shaped like an archive's
 (``bench.ann.SyntheticEmbeddings``), written through the store exactly as the indexer writes them
-(``add_tiles`` in batches of ``--batch``). Then, each phase in a fresh process so its peak RSS is its own:
+(``add_tiles`` in batches of ``--batch``; ``--ingest-only`` stops there and a later run with the same
+``--work-dir`` starts from that folder, so the long ingest and the builds need not share one sitting). Then,
+each phase in a fresh process so its peak RSS is its own:
 
 - a full build and publish of the index (``indexer.build.publish``: the type ``auto`` picks by size),
 - +1 % tiles and an incremental publish, then removing 1 % of the tiles and an incremental publish,
@@ -26,6 +29,7 @@ before anything else, so each phase also reports its peak anonymous memory, the 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import shutil
 import tempfile
@@ -47,6 +51,8 @@ TILES_PER_SLIDE = 1000
 SLIDES_PER_CASE = 20
 GRID = 448
 K = 24
+# An ingest's figures, kept in its data folder for a later run to reuse.
+INGESTED_NAME = "ingested.json"
 # Share of the rows whose ingest rate is "the start" and "the end".
 EDGE = 0.05
 
@@ -318,12 +324,21 @@ def _run(pool_fn, *args):
         return pool.submit(pool_fn, *args).result()
 
 
-def run_size(n: int, work: Path, batch: int, queries: int, compress_above: int | None) -> dict:
+def run_size(n: int, work: Path, batch: int, queries: int, compress_above: int | None, ingest_only: bool) -> dict:
     data_dir = work / f"scale-{n}"
-    shutil.rmtree(data_dir, ignore_errors=True)
+    ingested = data_dir / INGESTED_NAME
     out: dict = {"n": n}
-    out["ingest"] = _run(ingest, data_dir, 0, n, batch)
-    print(f"  {n}: ingest done {out['ingest']}", flush=True)
+    if ingested.is_file() and not (data_dir / "index").exists():
+        # An ingest that --ingest-only left in this work folder: its figures stand for this run's.
+        out["ingest"] = json.loads(ingested.read_text())
+        print(f"  {n}: ingest reused from {data_dir}", flush=True)
+    else:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        out["ingest"] = _run(ingest, data_dir, 0, n, batch)
+        ingested.write_text(json.dumps(out["ingest"]))
+        print(f"  {n}: ingest done {out['ingest']}", flush=True)
+    if ingest_only:
+        return out
     out["full"] = _run(publish, data_dir, compress_above)
     print(f"  {n}: full build {out['full']}", flush=True)
     extra = max(1, n // 100)
@@ -407,12 +422,20 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--compress-above", type=int, help="the compress_above setting (default: the setting's)")
     parser.add_argument("--work-dir", type=Path, help="where the data folders go (default: a temporary folder)")
+    parser.add_argument(
+        "--ingest-only",
+        action="store_true",
+        help="fill the data folders and stop; a later run with the same --work-dir starts from them",
+    )
     args = parser.parse_args()
+    if args.ingest_only and args.work_dir is None:
+        parser.error("--ingest-only needs --work-dir: the folder a later run starts from")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="histosearch-scale-"))
     results = []
     for n in args.sizes:
-        results.append(run_size(n, work, args.batch, args.queries, args.compress_above))
-        report(results)
+        results.append(run_size(n, work, args.batch, args.queries, args.compress_above, args.ingest_only))
+        if not args.ingest_only:
+            report(results)
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
 
