@@ -33,7 +33,6 @@ import json
 import resource
 import shutil
 import tempfile
-import threading
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -43,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from bench._machine import describe_machine
+from bench._memory import AnonymousPeak
 from bench.ann import SyntheticEmbeddings
 
 FINGERPRINT = "bench-scale-synthetic"
@@ -66,34 +66,6 @@ def _settings(data_dir: Path, compress_above: int | None):
 def _peak_rss_gib() -> float:
     """Peak resident set, the vector files' memory-mapped pages included (the kernel drops those first)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-class _AnonymousPeak:
-    """Peak anonymous memory (RssAnon: what cannot be dropped and read again from a file) of this process,
-    sampled every 0.2 s while it runs; Linux only (None elsewhere)."""
-
-    def __init__(self) -> None:
-        self.peak_kib = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while True:
-            try:
-                status = Path("/proc/self/status").read_text()
-            except OSError:
-                return
-            for line in status.splitlines():
-                if line.startswith("RssAnon:"):
-                    self.peak_kib = max(self.peak_kib, int(line.split()[1]))
-            if self._stop.wait(0.2):
-                return
-
-    def gib(self) -> float | None:
-        self._stop.set()
-        self._thread.join()
-        return self.peak_kib / 2**20 if self.peak_kib else None
 
 
 def ingest(data_dir: Path, start: int, n: int, batch: int) -> dict:
@@ -164,7 +136,7 @@ def publish(data_dir: Path, compress_above: int | None) -> dict:
     from search.storage.store import Store
 
     settings = _settings(data_dir, compress_above)
-    anonymous = _AnonymousPeak()
+    anonymous = AnonymousPeak()
     store = Store.from_settings(settings)
     t0 = time.perf_counter()
     build = publish_index(store, IndexDirectory(data_dir / "index"), FINGERPRINT, settings)
@@ -215,7 +187,7 @@ def query(data_dir: Path, n: int, compress_above: int | None) -> dict:
     from search.storage.store import Store
 
     settings = _settings(data_dir, compress_above)
-    anonymous = _AnonymousPeak()
+    anonymous = AnonymousPeak()
     draws = SyntheticEmbeddings(DIM).sample(4 * n + 2, seed=123_456)
     texts = {f"query {i}": v for i, v in enumerate(draws)}
     engine = Engine(settings, encoder=_QueryVectors(texts))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 
@@ -139,7 +140,7 @@ def publish(
             fingerprint=fingerprint,
             n=len(store_ids),
             sample=_sample(store, store_ids, kind, fingerprint),
-            batches=_located_batches(store, store_ids, fingerprint),
+            batches=partial(_located_batches, store, store_ids, fingerprint),
             device=settings.device,
         )
     elif todo.mode == "merge":
@@ -148,7 +149,7 @@ def publish(
             build_id,
             directory.build_dir(live_id),
             live.manifest,
-            _located_batches(store, store_ids, fingerprint),
+            partial(_located_batches, store, store_ids, fingerprint),
         )
     else:
         build_writer.write_incremental(
@@ -157,7 +158,7 @@ def publish(
             directory.build_dir(live_id),
             live.manifest,
             live.deleted,
-            _located_batches(store, todo.added, fingerprint) if len(todo.added) else None,
+            partial(_located_batches, store, todo.added, fingerprint) if len(todo.added) else None,
             todo.removed,
         )
     # Checked before it goes live: recall@10 against exact search, and the calibration sample (issue 10).

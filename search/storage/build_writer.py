@@ -5,9 +5,11 @@ between them (``indexer/build.py``)."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from search.storage.gpu import _gpu_for, _resolve_device
 from search.storage.index_directory import MANIFEST_NAME
 from search.storage.index_types import IVF_TYPES, _new_index, choose_index_type
 from search.storage.segmented import DELETED_NAME, TRAINED_NAME, Manifest, _ids_name, _locations_name
-from search.storage.vectors import VectorIndex, _as_ids
+from search.storage.vectors import VectorIndex, _as_ids, save_index
 
 TRAINED_TYPES = IVF_TYPES
 # A publish that would leave more parts than this, or more deleted ids than this share, merges the parts.
@@ -27,6 +29,8 @@ MAX_DELETED_SHARE = 0.2
 
 # What a part is written from: (tile ids, vectors, locations of those vectors in the vector files, -1 unknown).
 LocatedBatch = tuple[np.ndarray, np.ndarray, np.ndarray]
+# A fresh pass over a part's batches at each call: an IVF part reads them twice.
+Batches = Callable[[], Iterable[LocatedBatch]]
 
 
 def choose_kind(n: int, requested: str = "auto", exact_max: int = 20_000, compress_above: int = 1_000_000) -> str:
@@ -44,25 +48,95 @@ def _copy(index: faiss.Index) -> faiss.Index:
     return faiss.deserialize_index(faiss.serialize_index(index))
 
 
-def _write_part(build_dir: Path, name: str, trained: faiss.Index, batches: Iterable[LocatedBatch]) -> int:
-    """A part cloned from ``trained`` holding ``batches`` of (ids, vectors, locations), saved as ``name``
-    with its sorted ids and their locations; returns its size."""
+def _first_pass(inner: faiss.Index, batches: Batches) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray]]:
+    """Reads every batch once: their ids and locations (None without batches) in order, and each batch's list
+    numbers where ``inner`` is IVF; any other ``inner`` gets the vectors added, as IDMap2 adds them."""
+    ivf = isinstance(inner, faiss.IndexIVF)
+    ids, locations, lists = [], [], []
+    for chunk, vectors, located in batches():
+        ids.append(_as_ids(chunk))
+        locations.append(np.asarray(located, dtype=np.int64))
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        if ivf:
+            # int32: a list number is below nlist (at most 65,536); 40 MB at 10M vectors instead of 80.
+            lists.append(inner.quantizer.assign(x, 1).reshape(-1).astype(np.int32))
+        else:
+            inner.add(x)
+        # Let go before the next batch is read: else two batches (2 x 128 MB at 65,536 x 512) are held at once.
+        del vectors, x
+    if not ids:
+        return np.zeros(0, np.int64), None, lists
+    return np.concatenate(ids), np.concatenate(locations), lists
+
+
+def _reserve(ivf: faiss.IndexIVF, lists: list[np.ndarray]) -> None:
+    """Gives each (empty) inverted list the capacity of what it will hold: a list grown a vector at a time
+    doubles its capacity, up to twice its codes. Resizing an empty std::vector allocates exactly the size, and
+    shrinking it back keeps that allocation."""
+    counts = np.zeros(ivf.nlist, np.int64)
+    for numbers in lists:
+        counts += np.bincount(numbers[numbers >= 0], minlength=ivf.nlist)
+    invlists = faiss.downcast_InvertedLists(ivf.invlists)
+    for list_no in np.flatnonzero(counts):
+        invlists.resize(int(list_no), int(counts[list_no]))
+        invlists.resize(int(list_no), 0)
+
+
+def _second_pass(ivf: faiss.IndexIVF, batches: Batches, lists: list[np.ndarray]) -> None:
+    """Encodes each batch into the lists the first pass chose (``add`` without assigning them again), with the
+    lists sized first."""
+    _reserve(ivf, lists)
+    batch = 0
+    for _, vectors, _ in batches():
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        if batch == len(lists) or len(x) != len(lists[batch]):
+            raise RuntimeError("the batches of an index part changed between its two passes")
+        numbers = lists[batch].astype(np.int64)
+        ivf.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(numbers))
+        del vectors, x  # as in the first pass
+        batch += 1
+    if batch != len(lists):
+        raise RuntimeError("the batches of an index part changed between its two passes")
+
+
+def _trim_heap() -> None:
+    """Hands the heap's free pages back to the kernel (glibc ``malloc_trim``); a no-op on other C libraries.
+
+    A freed part's lists otherwise stay in the process's anonymous memory wherever a live allocation above
+    them pins the heap, and the checks that follow a build count them."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+def _write_part(build_dir: Path, name: str, trained: faiss.Index, batches: Batches) -> int:
+    """A part cloned from ``trained`` holding the vectors of ``batches`` (read twice for IVF types), saved as
+    ``name`` with its sorted ids and their locations; returns its size.
+
+    The same index, list order included, as ``add_with_ids`` batch by batch, with less memory at its peak:
+    IVF lists sized exactly (``_reserve``), and none of IDMap2's id -> position hash map (a node per vector),
+    which a saved index does not hold (``read_index`` builds it again)."""
     index = _copy(trained)
-    located = []
-    for ids, vectors, locations in batches:
-        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), _as_ids(ids))
-        located.append(np.asarray(locations, dtype=np.int64))
     inner = faiss.downcast_index(index.index)
-    if isinstance(inner, faiss.IndexIVF):
-        # reconstruct (the exact path of filtered queries) needs the id -> list map.
-        inner.make_direct_map()
-    VectorIndex(index).save(build_dir / name)
-    ids = faiss.vector_to_array(index.id_map)
+    ids, locations, lists = _first_pass(inner, batches)
+    # Written before the lists fill, so that the sort's temporaries do not add to the peak.
     order = np.argsort(ids, kind="stable")
     np.save(build_dir / _ids_name(name), ids[order])
-    if located:
-        np.save(build_dir / _locations_name(name), np.concatenate(located)[order])
-    return int(index.ntotal)
+    if locations is not None:
+        np.save(build_dir / _locations_name(name), locations[order])
+    # IDMap2's own add would also fill its id -> position hash map.
+    faiss.copy_array_to_vector(ids, index.id_map)
+    del order, locations, ids
+    if isinstance(inner, faiss.IndexIVF):
+        _second_pass(inner, batches, lists)
+        del lists
+        # reconstruct (the exact path of filtered queries) needs the id -> list map.
+        inner.make_direct_map()
+    index.ntotal = inner.ntotal
+    save_index(index, build_dir / name)
+    size = int(index.ntotal)
+    del index
+    _trim_heap()
+    return size
 
 
 @dataclass(frozen=True)
@@ -93,7 +167,7 @@ def write_full(
     fingerprint: str,
     n: int,
     sample: np.ndarray,
-    batches: Iterable[LocatedBatch],
+    batches: Batches,
     device: str = "auto",
     nprobe: int | None = None,
 ) -> Manifest:
@@ -114,9 +188,7 @@ def write_full(
     return manifest
 
 
-def write_merged(
-    build_dir: Path, build_id: int, previous_dir: Path, previous: Manifest, batches: Iterable[LocatedBatch]
-) -> Manifest:
+def write_merged(build_dir: Path, build_id: int, previous_dir: Path, previous: Manifest, batches: Batches) -> Manifest:
     """One part holding ``batches`` (every live vector), cloned from the previous build's quantiser: no training."""
     build_dir.mkdir(parents=True, exist_ok=True)
     os.link(previous_dir / TRAINED_NAME, build_dir / TRAINED_NAME)
@@ -134,7 +206,7 @@ def write_incremental(
     previous_dir: Path,
     previous: Manifest,
     previous_deleted: np.ndarray,
-    added: Iterable[LocatedBatch] | None,
+    added: Batches | None,
     removed: np.ndarray,
 ) -> Manifest:
     """The previous build's parts (hard links), a new part for ``added`` and ``removed`` added to the deleted ids."""

@@ -77,6 +77,20 @@ def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     return out_scores, out_ids
 
 
+def save_index(index: faiss.Index, path: Path) -> None:
+    """Write ``index`` to ``path`` atomically (a temporary file beside it, then os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        faiss.write_index(index, str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class VectorIndex:
     """One FAISS index over tile embeddings; ``search`` is safe to call from many threads."""
 
@@ -307,16 +321,7 @@ class VectorIndex:
 
     def save(self, path: Path) -> None:
         """Write the CPU form to ``path`` atomically (a temporary file beside it, then os.replace)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-        try:
-            faiss.write_index(self._cpu, str(tmp))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        save_index(self._cpu, path)
 
     @classmethod
     def load(cls, path: Path, device: str = "auto") -> VectorIndex:
